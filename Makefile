@@ -1,0 +1,37 @@
+# The two set-up commands of README.md: `make run` and `make test`.
+# Both install the Debian packages the project needs (idempotently), configure and build.
+
+BUILD_DIR ?= build
+BUILD_TYPE ?= Release
+JOBS ?= $(shell nproc)
+GOLDEN_DIR ?= $(abspath ../shared/golden)
+CMAKE_FLAGS ?=
+
+.PHONY: all deps configure build test run bench fuzz clean
+
+all: build
+
+deps:
+	@scripts/install_deps.sh
+
+$(BUILD_DIR)/build.ninja: | deps
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
+	  -DDS_GOLDEN_DIR=$(GOLDEN_DIR) $(CMAKE_FLAGS)
+
+configure: deps $(BUILD_DIR)/build.ninja
+
+build: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+test: build
+	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+run: build
+	$(BUILD_DIR)/tools/cli/diffusion-cli describe FluxTransformer2DModel --verbose
+
+bench: build
+	$(BUILD_DIR)/bench/flux_forward_bench
+	$(BUILD_DIR)/bench/safetensors_mmap_bench
+
+clean:
+	rm -rf $(BUILD_DIR)

@@ -1,0 +1,53 @@
+// The model-agnostic interface every model family implements, and the options to build one.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include "absl/status/statusor.h"
+#include "handlers/safetensors.h"
+
+namespace ds {
+
+// How to build a model instance.
+struct ModelOptions {
+  // Storage and compute dtype of the weights: torch::kFloat32 (default), kBFloat16 or kFloat16.
+  torch::Dtype dtype = torch::kFloat32;
+  // Device to place the weights on: CPU (default) or CUDA ("cuda:0").
+  torch::Device device = torch::kCPU;
+};
+
+// A built model: a LibTorch module named exactly like the diffusers state dict, plus a forward
+// over named tensors (the names of the reference implementation's forward arguments).
+//
+// Thread-safety: Forward() is const-correct for concurrent inference (it runs under
+// torch::InferenceMode and does not mutate the module); loading weights is not and needs exclusive
+// access.
+class DiffusionModel {
+ public:
+  virtual ~DiffusionModel() = default;
+
+  // The diffusers class name ("FluxTransformer2DModel").
+  virtual const std::string& class_name() const = 0;
+  // The config this instance was built from (normalized: every field present, as diffusers'
+  // config.json would show it).
+  virtual const nlohmann::json& config() const = 0;
+  virtual const ModelOptions& options() const = 0;
+
+  virtual torch::nn::Module& module() = 0;
+  virtual const torch::nn::Module& module() const = 0;
+
+  // Names of the forward inputs, required first then optional ones.
+  virtual std::vector<std::string> required_inputs() const = 0;
+  virtual std::vector<std::string> optional_inputs() const = 0;
+
+  // Runs one forward pass. INVALID_ARGUMENT naming the input at fault for a missing input or a
+  // wrong shape; INTERNAL if LibTorch fails.
+  virtual absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs) const = 0;
+};
+
+}  // namespace ds

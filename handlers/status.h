@@ -1,0 +1,76 @@
+// Status helpers used at every fallible boundary of the project.
+//
+// Abseil 20220623 (Debian 12) ships no RETURN_IF_ERROR / ASSIGN_OR_RETURN, so they live here.
+// Also: TorchCall(), which runs a LibTorch call and turns any c10::Error / std::exception into an
+// absl::Status, so that exceptions never cross a layer boundary.
+#pragma once
+
+#include <exception>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+
+#define DS_STATUS_CONCAT_INNER_(a, b) a##b
+#define DS_STATUS_CONCAT_(a, b) DS_STATUS_CONCAT_INNER_(a, b)
+
+// Evaluates `expr` (an absl::Status); returns it from the enclosing function if not OK.
+#define RETURN_IF_ERROR(expr)                             \
+  do {                                                    \
+    ::absl::Status ds_status_ = (expr);                   \
+    if (!ds_status_.ok()) return ds_status_;              \
+  } while (0)
+
+// `ASSIGN_OR_RETURN(auto x, F());` evaluates F() (an absl::StatusOr<T>); on error returns its status,
+// otherwise move-assigns the value to the left-hand side.
+#define ASSIGN_OR_RETURN(lhs, expr) \
+  DS_ASSIGN_OR_RETURN_IMPL_(DS_STATUS_CONCAT_(ds_statusor_, __LINE__), lhs, expr)
+#define DS_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
+  auto tmp = (expr);                              \
+  if (!tmp.ok()) return std::move(tmp).status();  \
+  lhs = std::move(tmp).value()
+
+namespace ds {
+
+// Prefixes a status message with context, keeping the code. OK passes through.
+inline absl::Status Annotate(const absl::Status& s, std::string_view context) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
+}
+
+// Runs `fn` (which may throw c10::Error or any std::exception) and returns its result as a
+// StatusOr. Exceptions become INTERNAL (or INVALID_ARGUMENT when `bad_input_code` says so) with
+// `context` prefixed. Use it exactly where LibTorch is called.
+template <typename Fn>
+auto TorchCall(std::string_view context, Fn&& fn,
+               absl::StatusCode code = absl::StatusCode::kInternal)
+    -> absl::StatusOr<decltype(fn())> {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    // c10::Error appends a C++ backtrace after the first line; keep the message only.
+    if (auto pos = what.find("\nException raised from"); pos != std::string::npos) {
+      what.resize(pos);
+    }
+    return absl::Status(code, absl::StrCat(context, ": ", what));
+  }
+}
+
+// Same for calls that return nothing.
+template <typename Fn>
+absl::Status TorchCallVoid(std::string_view context, Fn&& fn,
+                           absl::StatusCode code = absl::StatusCode::kInternal) {
+  auto r = TorchCall(
+      context,
+      [&]() {
+        fn();
+        return 0;
+      },
+      code);
+  return r.status();
+}
+
+}  // namespace ds
