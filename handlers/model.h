@@ -2,7 +2,10 @@
 #pragma once
 
 #include <string>
+#include <typeinfo>
 #include <vector>
+
+#include <c10/util/Type.h>
 
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
@@ -49,5 +52,19 @@ class DiffusionModel {
   // wrong shape; INTERNAL if LibTorch fails.
   virtual absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs) const = 0;
 };
+
+// The class name of a LibTorch module implementation type as diffusers spells it:
+// `ds::flux::FluxTransformerBlockImpl` -> "FluxTransformerBlock". Lets specs name block classes
+// from the types themselves instead of retyping strings.
+template <typename ModuleImpl>
+std::string ModuleClassName() {
+  std::string name = c10::demangle(typeid(ModuleImpl).name());
+  if (auto pos = name.rfind("::"); pos != std::string::npos) name = name.substr(pos + 2);
+  constexpr std::string_view kImpl = "Impl";
+  if (name.size() > kImpl.size() && name.compare(name.size() - kImpl.size(), kImpl.size(), kImpl) == 0) {
+    name.resize(name.size() - kImpl.size());
+  }
+  return name;
+}
 
 }  // namespace ds

@@ -1,6 +1,9 @@
 // Status helpers used at every fallible boundary of the project.
 //
 // Abseil 20220623 (Debian 12) ships no RETURN_IF_ERROR / ASSIGN_OR_RETURN, so they live here.
+// Note: Debian's Abseil is built with its own absl::string_view (not std::string_view), so
+// absl::StrCat and absl::Status messages take absl::string_view / std::string, not std::string_view.
+//
 // Also: TorchCall(), which runs a LibTorch call and turns any c10::Error / std::exception into an
 // absl::Status, so that exceptions never cross a layer boundary.
 #pragma once
@@ -12,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 #define DS_STATUS_CONCAT_INNER_(a, b) a##b
 #define DS_STATUS_CONCAT_(a, b) DS_STATUS_CONCAT_INNER_(a, b)
@@ -35,7 +39,7 @@
 namespace ds {
 
 // Prefixes a status message with context, keeping the code. OK passes through.
-inline absl::Status Annotate(const absl::Status& s, std::string_view context) {
+inline absl::Status Annotate(const absl::Status& s, absl::string_view context) {
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat(context, ": ", s.message()));
 }
@@ -44,7 +48,7 @@ inline absl::Status Annotate(const absl::Status& s, std::string_view context) {
 // StatusOr. Exceptions become INTERNAL (or INVALID_ARGUMENT when `bad_input_code` says so) with
 // `context` prefixed. Use it exactly where LibTorch is called.
 template <typename Fn>
-auto TorchCall(std::string_view context, Fn&& fn,
+auto TorchCall(absl::string_view context, Fn&& fn,
                absl::StatusCode code = absl::StatusCode::kInternal)
     -> absl::StatusOr<decltype(fn())> {
   try {
@@ -61,7 +65,7 @@ auto TorchCall(std::string_view context, Fn&& fn,
 
 // Same for calls that return nothing.
 template <typename Fn>
-absl::Status TorchCallVoid(std::string_view context, Fn&& fn,
+absl::Status TorchCallVoid(absl::string_view context, Fn&& fn,
                            absl::StatusCode code = absl::StatusCode::kInternal) {
   auto r = TorchCall(
       context,
