@@ -1,1 +1,134 @@
-// (being written)
+#include "handlers/registry.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "handlers/state_dict.h"
+#include "handlers/status.h"
+
+namespace ds {
+namespace {
+
+std::vector<std::string> Sorted(std::vector<std::string> v) {
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  return v;
+}
+
+std::vector<std::string> AllNames(const ModelSpec& spec) {
+  std::vector<std::string> names = {spec.name, spec.class_name};
+  names.insert(names.end(), spec.aliases.begin(), spec.aliases.end());
+  return names;
+}
+
+}  // namespace
+
+ModelMetadata BuildModelMetadata(const ModelSpec& spec) {
+  std::vector<FeatureRow> rows;
+  auto add = [&rows](std::string_view attribute, FeatureValue value) {
+    // Every attribute used here is in the catalogue; a failure would be a programming error.
+    auto row = MakeFeatureRow(attribute, std::move(value));
+    if (row.ok()) rows.push_back(*std::move(row));
+  };
+  const ModelStructure& s = spec.structure;
+  // Structural facts keep the model's declared order (as diffusers displays them).
+  add("_no_split_modules", s.no_split_modules);
+  add("_keep_in_fp32_modules", s.keep_in_fp32_modules);
+  add("_skip_layerwise_casting_patterns", s.skip_layerwise_casting_patterns);
+  add("_repeated_blocks", s.repeated_blocks);
+  // Capability rows exist only when the handler is wired, derived from what it registers.
+  if (spec.weight_mapping != nullptr) {
+    add("_weight_mapping", Sorted(spec.weight_mapping->VariantNames()));
+  }
+  if (spec.lora != nullptr) add("_lora", Sorted(spec.lora->FormatNames()));
+  return ModelMetadata(spec.class_name, std::move(rows));
+}
+
+ModelRegistry& ModelRegistry::Global() {
+  static ModelRegistry* registry = new ModelRegistry();
+  return *registry;
+}
+
+absl::Status ModelRegistry::Register(ModelSpec spec) {
+  if (spec.name.empty() || spec.class_name.empty()) {
+    return absl::InvalidArgumentError("model spec needs a name and a class name");
+  }
+  if (!spec.factory) {
+    return absl::InvalidArgumentError(absl::StrCat("model spec '", spec.name, "' has no factory"));
+  }
+  for (const auto& existing : specs_) {
+    for (const std::string& a : AllNames(*existing)) {
+      for (const std::string& b : AllNames(spec)) {
+        if (absl::AsciiStrToLower(a) == absl::AsciiStrToLower(b)) {
+          return absl::AlreadyExistsError(absl::StrCat("model name '", b, "' of '", spec.name,
+                                                       "' is already used by '", existing->name,
+                                                       "'"));
+        }
+      }
+    }
+  }
+  specs_.push_back(std::make_unique<ModelSpec>(std::move(spec)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const ModelSpec*> ModelRegistry::Find(std::string_view name) const {
+  for (const auto& spec : specs_) {
+    for (const std::string& n : AllNames(*spec)) {
+      if (n == name) return spec.get();
+    }
+  }
+  const std::string lower = absl::AsciiStrToLower(std::string(name));
+  for (const auto& spec : specs_) {
+    for (const std::string& n : AllNames(*spec)) {
+      if (absl::AsciiStrToLower(n) == lower) return spec.get();
+    }
+  }
+  std::vector<std::string> known;
+  for (const ModelSpec* s : List()) known.push_back(absl::StrCat(s->class_name, " (", s->name, ")"));
+  return absl::NotFoundError(absl::StrCat("no registered model named '", std::string(name),
+                                          "'; registered: ", absl::StrJoin(known, ", ")));
+}
+
+std::vector<const ModelSpec*> ModelRegistry::List() const {
+  std::vector<const ModelSpec*> out;
+  for (const auto& spec : specs_) out.push_back(spec.get());
+  std::sort(out.begin(), out.end(),
+            [](const ModelSpec* a, const ModelSpec* b) { return a->name < b->name; });
+  return out;
+}
+
+ModelRegistrar::ModelRegistrar(ModelSpec spec) {
+  const std::string name = spec.name;
+  absl::Status s = ModelRegistry::Global().Register(std::move(spec));
+  if (!s.ok()) {
+    std::fprintf(stderr, "fatal: registering model '%s': %s\n", name.c_str(),
+                 std::string(s.message()).c_str());
+    std::abort();
+  }
+}
+
+absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(const std::string& dir,
+                                                                    const ModelOptions& options,
+                                                                    std::string_view class_name) {
+  ASSIGN_OR_RETURN(ModelFolder folder, OpenModelFolder(dir));
+  std::string resolved(class_name);
+  if (resolved.empty()) {
+    auto it = folder.config.find("_class_name");
+    if (it == folder.config.end() || !it->is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          folder.dir, "/config.json: no \"_class_name\" string; name the model class explicitly"));
+    }
+    resolved = it->get<std::string>();
+  }
+  ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find(resolved));
+  auto model = spec->factory(folder.config, options);
+  if (!model.ok()) return Annotate(model.status(), absl::StrCat(folder.dir, "/config.json"));
+  RETURN_IF_ERROR(LoadStateDict((*model)->module(), folder.weights, folder.dir));
+  return std::move(model).value();
+}
+
+}  // namespace ds

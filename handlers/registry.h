@@ -1,0 +1,90 @@
+// The model registry: each model folder registers a ModelSpec from a static initializer
+// (DS_REGISTER_MODEL in its spec.cc); the server and tools find models only through here.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/statusor.h"
+#include "handlers/capabilities.h"
+#include "handlers/model.h"
+#include "handlers/model_metadata.h"
+
+namespace ds {
+
+// Structural declarations: facts about the model's module tree (not capabilities).
+struct ModelStructure {
+  std::vector<std::string> no_split_modules;                 // `_no_split_modules`
+  std::vector<std::string> keep_in_fp32_modules;             // `_keep_in_fp32_modules`
+  std::vector<std::string> skip_layerwise_casting_patterns;  // `_skip_layerwise_casting_patterns`
+  std::vector<std::string> repeated_blocks;                  // `_repeated_blocks`
+};
+
+// Builds a model from a diffusers config.json (missing keys take the model's defaults) with
+// randomly initialized weights. INVALID_ARGUMENT naming the field for a bad config.
+using ModelFactory = std::function<absl::StatusOr<std::unique_ptr<DiffusionModel>>(
+    const nlohmann::json& config, const ModelOptions& options)>;
+
+struct ModelSpec {
+  std::string name;                  // registry name, e.g. "flux"
+  std::string class_name;            // diffusers class name, e.g. "FluxTransformer2DModel"
+  std::vector<std::string> aliases;  // other accepted names
+  std::string description;           // one line for listings
+  ModelStructure structure;
+  ModelFactory factory;
+  // Wired capability handlers (non-owning; static objects of the model folder). nullptr = the
+  // capability is not wired and its metadata row is absent.
+  const LoraHandler* lora = nullptr;
+  const WeightMappingHandler* weight_mapping = nullptr;
+};
+
+// The metadata table of a spec, derived from its structure and wired handlers (lists sorted).
+ModelMetadata BuildModelMetadata(const ModelSpec& spec);
+
+// Thread-safety: registration happens during static initialization (single-threaded); lookups are
+// read-only afterwards and safe from any thread.
+class ModelRegistry {
+ public:
+  static ModelRegistry& Global();
+
+  // INVALID_ARGUMENT for an empty name/class/factory; ALREADY_EXISTS if the name, class name or an
+  // alias collides with a registered model.
+  absl::Status Register(ModelSpec spec);
+
+  // Finds by registry name, class name or alias (exact first, then case-insensitive). NOT_FOUND
+  // listing the registered models otherwise.
+  absl::StatusOr<const ModelSpec*> Find(std::string_view name) const;
+
+  // Every registered spec, sorted by name.
+  std::vector<const ModelSpec*> List() const;
+
+ private:
+  std::vector<std::unique_ptr<ModelSpec>> specs_;
+};
+
+// Registers `spec` with the global registry at static-initialization time; aborts with a message
+// if registration fails (a programming error that must not ship).
+struct ModelRegistrar {
+  explicit ModelRegistrar(ModelSpec spec);
+};
+
+#define DS_REGISTER_MODEL_CONCAT_INNER_(a, b) a##b
+#define DS_REGISTER_MODEL_CONCAT_(a, b) DS_REGISTER_MODEL_CONCAT_INNER_(a, b)
+// Usage in a model folder's spec.cc: DS_REGISTER_MODEL(MakeFluxSpec());
+#define DS_REGISTER_MODEL(spec_expr)                                                  \
+  static const ::ds::ModelRegistrar DS_REGISTER_MODEL_CONCAT_(ds_model_registrar_, \
+                                                              __LINE__)(spec_expr)
+
+// Loads a diffusers-format model folder (see OpenModelFolder in state_dict.h): reads config.json,
+// resolves the model by its "_class_name" (or `class_name` when non-empty, which wins), builds it
+// with `options` and loads the weights strictly.
+// NOT_FOUND for a missing folder or an unregistered class; INVALID_ARGUMENT for a bad config or a
+// state dict that does not match (missing/unexpected/shape-mismatched keys by name).
+absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(
+    const std::string& dir, const ModelOptions& options, std::string_view class_name = "");
+
+}  // namespace ds
