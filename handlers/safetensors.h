@@ -8,17 +8,23 @@
 // upcast to float32 on Get() (a copy). Tensors whose data are not aligned to their element size are
 // copied into aligned memory.
 //
+// Views of one SafetensorsFile share its mapping: writing into a view changes what later Get()
+// calls on the same SafetensorsFile return (never the file, nor another Open() of it). Clone a
+// tensor before modifying it in place if the file's values must stay visible.
+//
 // Thread-safety: a SafetensorsFile is immutable after Open(); all methods are const and safe to
 // call concurrently.
 #pragma once
 
+#include <torch/types.h>
+
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
-
-#include <torch/types.h>
 
 #include "absl/status/statusor.h"
 #include "handlers/safetensors_format.h"
@@ -33,7 +39,9 @@ class MappedFile;
 class SafetensorsFile {
  public:
   // Maps and validates `path`. NOT_FOUND if it does not exist; INVALID_ARGUMENT (naming the file
-  // and tensor) if the header is invalid (see safetensors::ParseHeader); INTERNAL for I/O errors.
+  // and tensor) if the header is invalid (see safetensors::ParseHeader) or `path` is not a regular
+  // file; INTERNAL for I/O errors. Only the header pages are read here. The file must not be
+  // truncated while mapped (touching a vanished page raises SIGBUS, as with any mmap).
   static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> Open(const std::string& path);
 
   const std::string& path() const { return path_; }
@@ -41,10 +49,15 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
   std::vector<std::string> names() const;  // in file order
   bool contains(const std::string& name) const;
-  // NOT_FOUND naming the file and the tensor when absent.
+  // NOT_FOUND naming the file and the tensor when absent. The pointer lives as long as this object.
   absl::StatusOr<const safetensors::TensorInfo*> info(const std::string& name) const;
+  // The whole file as mapped (valid while this object lives; do not write through it). The data
+  // of every view returned by Get() lies inside it.
+  std::string_view mapped_bytes() const;
 
-  // The tensor `name` (view over the mapping; see the header comment). NOT_FOUND when absent.
+  // The tensor `name` (view over the mapping; see the header comment). NOT_FOUND when absent;
+  // INTERNAL if LibTorch fails (e.g. out of memory for an F8 or misaligned copy). Views do not
+  // require grad. A zero-element tensor is a fresh empty tensor rather than a view.
   absl::StatusOr<torch::Tensor> Get(const std::string& name) const;
   // Every tensor, as views.
   absl::StatusOr<TensorMap> GetAll() const;
@@ -59,18 +72,29 @@ class SafetensorsFile {
 
 // The weights of a (possibly sharded) checkpoint: either one .safetensors file or a
 // `*.safetensors.index.json` whose "weight_map" names the shard of every tensor (shards resolved
-// relative to the index file). Tensors are views as above.
-// NOT_FOUND for missing files; INVALID_ARGUMENT for a malformed index, a tensor listed in the index
-// but absent from its shard, a tensor present in two shards, or a shard tensor not in the index.
+// relative to the index file; a path ending in ".json" is taken as an index). Tensors are views as
+// above. NOT_FOUND for missing files (index or shard); INVALID_ARGUMENT for a malformed index (see
+// safetensors::ParseIndexWeightMap), an invalid shard, a tensor listed in the index but absent from
+// its shard, a tensor present in two shards, or a shard tensor not in the index.
 absl::StatusOr<TensorMap> LoadSafetensorsWeights(const std::string& path);
 
 // Writes tensors (any device/dtype LibTorch can hold, made contiguous on CPU) and metadata
-// atomically: to `path`.tmp.<pid>, fsync, rename. INVALID_ARGUMENT for unsupported dtypes or bad
-// names; INTERNAL for I/O errors (the destination is left untouched).
+// atomically: to `path`.tmp.<pid>.<n> (n unique within the process), fsync, rename, fsync of the
+// folder. Tensor data are streamed to the file (no second in-memory copy of a CPU tensor that is
+// already contiguous). The data area holds the tensors by element size, largest first, and in the
+// given order (TensorMap: name order) within one size, as the reference writer does: with the
+// 8-aligned data area every tensor is then aligned to its element size, so reading gives views.
+// INVALID_ARGUMENT for unsupported dtypes (complex, quantized, ...), non-strided or undefined
+// tensors, and bad names (see safetensors::Serialize); INTERNAL for I/O errors (the destination is
+// left untouched and the temporary file removed). Thread-safe for distinct paths.
 absl::Status WriteSafetensors(const std::string& path,
                               const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
 absl::Status WriteSafetensors(const std::string& path, const TensorMap& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+// Makes `WriteSafetensors(path, {{"a", t}, {"b", u}})` unambiguous; keeps the given order.
+absl::Status WriteSafetensors(const std::string& path,
+                              std::initializer_list<std::pair<std::string, torch::Tensor>> tensors,
                               const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace ds
