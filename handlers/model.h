@@ -1,15 +1,15 @@
 // The model-agnostic interface every model family implements, and the options to build one.
 #pragma once
 
+#include <c10/util/Type.h>
+#include <torch/nn/module.h>
+#include <torch/torch.h>
+#include <torch/types.h>
+
+#include <nlohmann/json.hpp>
 #include <string>
 #include <typeinfo>
 #include <vector>
-
-#include <c10/util/Type.h>
-
-#include <nlohmann/json.hpp>
-#include <torch/nn/module.h>
-#include <torch/types.h>
 
 #include "absl/status/statusor.h"
 #include "handlers/safetensors.h"
@@ -22,7 +22,36 @@ struct ModelOptions {
   torch::Dtype dtype = torch::kFloat32;
   // Device to place the weights on: CPU (default) or CUDA ("cuda:0").
   torch::Device device = torch::kCPU;
+  // Allocate parameters without initializing them (no memory is touched). Only for loaders that
+  // then assign or copy every parameter (single-file loading); a model used without that holds
+  // garbage.
+  bool uninitialized_parameters = false;
 };
+
+// How module constructors on this thread allocate parameters (see NewParameter).
+class ScopedUninitializedParameters {
+ public:
+  explicit ScopedUninitializedParameters(bool enable) : previous_(Flag()) { Flag() = enable; }
+  ~ScopedUninitializedParameters() { Flag() = previous_; }
+  ScopedUninitializedParameters(const ScopedUninitializedParameters&) = delete;
+  ScopedUninitializedParameters& operator=(const ScopedUninitializedParameters&) = delete;
+  static bool Active() { return Flag(); }
+
+ private:
+  static bool& Flag() {
+    thread_local bool flag = false;
+    return flag;
+  }
+  bool previous_;
+};
+
+// A new parameter tensor filled with `value`, or uninitialized inside a
+// ScopedUninitializedParameters(true) scope. Module constructors use it for every parameter.
+inline torch::Tensor NewParameter(at::IntArrayRef shape, const torch::TensorOptions& options,
+                                  double value = 0.0) {
+  if (ScopedUninitializedParameters::Active()) return torch::empty(shape, options);
+  return torch::full(shape, value, options);
+}
 
 // A built model: a LibTorch module named exactly like the diffusers state dict, plus a forward
 // over named tensors (the names of the reference implementation's forward arguments).
@@ -61,7 +90,8 @@ std::string ModuleClassName() {
   std::string name = c10::demangle(typeid(ModuleImpl).name());
   if (auto pos = name.rfind("::"); pos != std::string::npos) name = name.substr(pos + 2);
   constexpr std::string_view kImpl = "Impl";
-  if (name.size() > kImpl.size() && name.compare(name.size() - kImpl.size(), kImpl.size(), kImpl) == 0) {
+  if (name.size() > kImpl.size() &&
+      name.compare(name.size() - kImpl.size(), kImpl.size(), kImpl) == 0) {
     name.resize(name.size() - kImpl.size());
   }
   return name;
