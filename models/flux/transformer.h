@@ -1,0 +1,356 @@
+// FluxTransformer2DModel (diffusers) in LibTorch.
+//
+// Every parameter is registered under its diffusers name (transformer_blocks.0.attn.to_q.weight,
+// ...), so a diffusers state dict loads with ds::LoadStateDict and no renaming. The forward pass
+// follows diffusers' FluxTransformer2DModel.forward (main at 58eb52c), including its
+// mixed-precision rules: timestep/guidance ×1000 in the model dtype, the timestep sinusoid in
+// float32, RoPE frequencies in float64 and its rotation in float32, RMSNorm normalized in float32
+// then scaled in the model dtype, float16 activations clipped to ±65504 after every block.
+//
+// Weights are created directly in the requested dtype and device, zero-filled (RMSNorm scales 1),
+// with no float32 initialization pass; load a state dict (or call InitRandomWeights) before
+// running.
+//
+// Thread-safety: forward() is const and may run concurrently from many threads; it only reads the
+// parameters. Changing parameters (loading, LoRA fusing) needs exclusive access. The module keeps
+// no tensors derived from its parameters, so in-place weight updates take effect on the next
+// forward.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "handlers/model.h"
+#include "handlers/safetensors.h"
+#include "models/flux/config.h"
+
+namespace ds::flux {
+
+// Tensors captured during a forward pass (copies, in the model dtype), keyed like the golden
+// fixtures' "intermediate/<key>" tensors:
+//   x_embedder, context_embedder, time_text_embed, pos_embed.0 / pos_embed.1 (RoPE cos / sin,
+//   [S_txt + S_img, head_dim], float32),
+//   transformer_blocks.<i>.norm1.0 (modulated image tokens), norm1.1..4 (gate_msa, shift_mlp,
+//   scale_mlp, gate_mlp), the same for norm1_context, .attn.0 / .attn.1 (image / text attention
+//   outputs after to_out.0 / to_add_out), .0 / .1 (text / image block outputs),
+//   single_transformer_blocks.<i>.norm.0 / norm.1 (modulated joint tokens, gate), .attn (attention
+//   output before proj_out), .0 / .1 (text / image block outputs), norm_out, proj_out.
+using Intermediates = std::map<std::string, torch::Tensor>;
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks. Each takes the TensorOptions (dtype, device) its parameters are created with.
+
+// y = x Wᵀ + b, with torch.nn.Linear's parameter names and shapes (weight [out, in], bias [out]).
+struct LinearOptions {
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  bool bias = true;
+  torch::TensorOptions tensor_options;
+};
+class LinearImpl : public torch::nn::Module {
+ public:
+  explicit LinearImpl(const LinearOptions& options);
+  torch::Tensor weight;
+  torch::Tensor bias;  // undefined without bias
+};
+TORCH_MODULE(Linear);
+
+// RMSNorm over the last dimension with a learned scale (`weight` [dim]); eps 1e-6 in Flux.
+struct RMSNormOptions {
+  int64_t dim = 0;
+  double eps = 1e-6;
+  torch::TensorOptions tensor_options;
+};
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  explicit RMSNormImpl(const RMSNormOptions& options);
+  torch::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+// Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0): the sinusoidal timestep
+// embedding [cos(t·f_j), sin(t·f_j)], f_j = exp(-ln(10000)·j/128), computed in float32. No
+// parameters.
+class TimestepsImpl : public torch::nn::Module {
+ public:
+  static constexpr int64_t kChannels = 256;
+  // t [B] (any floating dtype) -> [B, 256] float32.
+  torch::Tensor forward(const torch::Tensor& t) const;
+};
+TORCH_MODULE(Timesteps);
+
+// FluxPosEmbed(theta=10000, axes_dim): rotary position embedding of id columns. No parameters.
+struct FluxPosEmbedOptions {
+  double theta = 10000;
+  std::vector<int64_t> axes_dim;  // one even dim per id column; they sum to the head dim
+};
+class FluxPosEmbedImpl : public torch::nn::Module {
+ public:
+  explicit FluxPosEmbedImpl(FluxPosEmbedOptions options) : options(std::move(options)) {}
+  // ids [S, len(axes_dim)] (any real dtype, used as float32) -> (cos, sin), each
+  // [S, sum(axes_dim) / 2] float32: for axis i, positions times the float64 frequencies
+  // theta^(-2j/d_i), cos/sin cast to float32. One value per rotated pair; diffusers returns them
+  // repeat-interleaved to the full head dim.
+  std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& ids) const;
+  FluxPosEmbedOptions options;
+};
+TORCH_MODULE(FluxPosEmbed);
+
+// Linear → SiLU → Linear (diffusers' TimestepEmbedding and, with act_fn="silu",
+// PixArtAlphaTextProjection): linear_1, linear_2.
+struct EmbedderOptions {
+  int64_t in_features = 0;
+  int64_t dim = 0;
+  torch::TensorOptions tensor_options;
+};
+class EmbedderImpl : public torch::nn::Module {
+ public:
+  explicit EmbedderImpl(const EmbedderOptions& options);
+  Linear linear_1{nullptr};
+  Linear linear_2{nullptr};
+};
+TORCH_MODULE(Embedder);
+
+// CombinedTimestep[Guidance]TextProjEmbeddings: time_proj (no parameters), timestep_embedder,
+// guidance_embedder (only with guidance_embeds), text_embedder.
+struct TimeTextEmbedOptions {
+  int64_t dim = 0;
+  int64_t pooled_projection_dim = 0;
+  bool guidance_embeds = false;
+  torch::TensorOptions tensor_options;
+};
+class TimeTextEmbedImpl : public torch::nn::Module {
+ public:
+  explicit TimeTextEmbedImpl(const TimeTextEmbedOptions& options);
+  Timesteps time_proj{nullptr};
+  Embedder timestep_embedder{nullptr};
+  Embedder guidance_embedder{nullptr};  // null without guidance_embeds
+  Embedder text_embedder{nullptr};
+};
+TORCH_MODULE(TimeTextEmbed);
+
+// AdaLayerNormZero (chunks 6), AdaLayerNormZeroSingle (3) and AdaLayerNormContinuous (2): the
+// modulation SiLU → linear (dim → chunks·dim) and `norm`, a LayerNorm without parameters
+// (eps 1e-6) that the modulation scales and shifts.
+struct AdaNormOptions {
+  int64_t dim = 0;
+  int64_t chunks = 0;
+  torch::TensorOptions tensor_options;
+};
+class AdaNormImpl : public torch::nn::Module {
+ public:
+  explicit AdaNormImpl(const AdaNormOptions& options);
+  Linear linear{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+};
+TORCH_MODULE(AdaNorm);
+
+// FeedForward(dim, activation_fn="gelu-approximate"): net.0.proj (dim → 4·dim), tanh-GELU,
+// net.1 (dropout, no parameters), net.2 (4·dim → dim).
+struct FeedForwardOptions {
+  int64_t dim = 0;
+  int64_t hidden = 0;
+  torch::TensorOptions tensor_options;
+};
+class GeluProjImpl : public torch::nn::Module {
+ public:
+  explicit GeluProjImpl(const LinearOptions& options);
+  Linear proj{nullptr};
+};
+TORCH_MODULE(GeluProj);
+class FeedForwardImpl : public torch::nn::Module {
+ public:
+  explicit FeedForwardImpl(const FeedForwardOptions& options);
+  torch::nn::ModuleList net{nullptr};
+  GeluProj net_0{nullptr};  // == net[0]
+  Linear net_2{nullptr};    // == net[2]
+};
+TORCH_MODULE(FeedForward);
+
+// FluxAttention: to_q/k/v, norm_q/k; with `joint` also the text-stream projections add_q/k/v_proj,
+// norm_added_q/k and the output projections to_out.0 (image) and to_add_out (text).
+struct FluxAttentionOptions {
+  int64_t dim = 0;
+  int64_t heads = 0;
+  int64_t head_dim = 0;
+  bool joint = false;
+  torch::TensorOptions tensor_options;
+};
+class FluxAttentionImpl : public torch::nn::Module {
+ public:
+  explicit FluxAttentionImpl(const FluxAttentionOptions& options);
+  int64_t heads;
+  int64_t head_dim;
+  Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  RMSNorm norm_q{nullptr}, norm_k{nullptr};
+  // Only when joint:
+  Linear add_q_proj{nullptr}, add_k_proj{nullptr}, add_v_proj{nullptr};
+  RMSNorm norm_added_q{nullptr}, norm_added_k{nullptr};
+  torch::nn::ModuleList to_out{nullptr};  // [Linear, dropout]
+  Linear to_out_0{nullptr};               // == to_out[0]
+  Linear to_add_out{nullptr};
+};
+TORCH_MODULE(FluxAttention);
+
+struct FluxBlockOptions {
+  int64_t dim = 0;
+  int64_t heads = 0;
+  int64_t head_dim = 0;
+  torch::TensorOptions tensor_options;
+};
+
+// FluxTransformerBlock (double stream): norm1, norm1_context, attn, norm2 / norm2_context
+// (LayerNorms without parameters), ff, ff_context.
+class FluxTransformerBlockImpl : public torch::nn::Module {
+ public:
+  explicit FluxTransformerBlockImpl(const FluxBlockOptions& options);
+  AdaNorm norm1{nullptr}, norm1_context{nullptr};
+  FluxAttention attn{nullptr};
+  torch::nn::LayerNorm norm2{nullptr}, norm2_context{nullptr};
+  FeedForward ff{nullptr}, ff_context{nullptr};
+};
+TORCH_MODULE(FluxTransformerBlock);
+
+// FluxSingleTransformerBlock: norm, proj_mlp (dim → 4·dim), attn (no output projection),
+// proj_out (5·dim → dim).
+class FluxSingleTransformerBlockImpl : public torch::nn::Module {
+ public:
+  explicit FluxSingleTransformerBlockImpl(const FluxBlockOptions& options);
+  AdaNorm norm{nullptr};
+  Linear proj_mlp{nullptr};
+  FluxAttention attn{nullptr};
+  Linear proj_out{nullptr};
+};
+TORCH_MODULE(FluxSingleTransformerBlock);
+
+// ---------------------------------------------------------------------------------------------
+
+struct FluxTransformer2DModelOptions {
+  FluxConfig config;                     // must be valid (FluxConfig::Validate)
+  torch::Dtype dtype = torch::kFloat32;  // weights and compute: float32, bfloat16 or float16
+  torch::Device device = torch::kCPU;    // CPU or CUDA
+};
+
+// The forward inputs, as in diffusers' forward(). Floating inputs of any float dtype and device are
+// converted to the model's; ids may be any real dtype (used as float32, as diffusers does).
+struct FluxInputs {
+  torch::Tensor hidden_states;          // [B, S_img, in_channels] packed latents
+  torch::Tensor encoder_hidden_states;  // [B or 1, S_txt, joint_attention_dim]
+  torch::Tensor pooled_projections;     // [B or 1, pooled_projection_dim]
+  torch::Tensor timestep;               // [B or 1], sigma in [0, 1] (the model multiplies by 1000)
+  torch::Tensor img_ids;                // [S_img, len(axes_dims_rope)] (3-D: [0] is used)
+  torch::Tensor txt_ids;                // [S_txt, len(axes_dims_rope)] (3-D: [0] is used)
+  torch::Tensor guidance;               // [B or 1]; defined iff config.guidance_embeds
+};
+
+class FluxTransformer2DModelImpl : public torch::nn::Module {
+ public:
+  // Throws c10::Error for an invalid config (FluxConfig::Validate) or an unsupported dtype.
+  explicit FluxTransformer2DModelImpl(const FluxTransformer2DModelOptions& options);
+
+  // Runs the model under torch::InferenceMode and returns [B, S_img, patch²·out_channels] in the
+  // model dtype, where B is the largest batch among the inputs (batch-1 inputs broadcast). If
+  // `intermediates` is non-null it receives the tensors listed at Intermediates. Inputs must have
+  // the documented shapes (FluxTransformer::Forward validates them and returns statuses); LibTorch
+  // throws c10::Error otherwise.
+  //
+  // On CPU, float16 (LibTorch 1.13 has almost no float16 CPU kernels) and bfloat16 unless the CPU
+  // has AVX512-BF16 or AMX (elsewhere LibTorch's bfloat16 matrix products are ~50× slower than
+  // float32 ones) are emulated: activations are computed in float32 and rounded to the model dtype
+  // after every operation, which is what native kernels (float32 arithmetic, low-precision
+  // results) produce up to summation order. Weights stay stored in the model dtype.
+  torch::Tensor forward(const FluxInputs& inputs, Intermediates* intermediates = nullptr) const;
+
+  const FluxConfig& config() const { return options_.config; }
+  torch::Dtype dtype() const { return options_.dtype; }
+  torch::Device device() const { return options_.device; }
+
+  FluxPosEmbed pos_embed{nullptr};
+  TimeTextEmbed time_text_embed{nullptr};
+  Linear context_embedder{nullptr};
+  Linear x_embedder{nullptr};
+  torch::nn::ModuleList transformer_blocks{nullptr};
+  torch::nn::ModuleList single_transformer_blocks{nullptr};
+  AdaNorm norm_out{nullptr};
+  Linear proj_out{nullptr};
+
+  // Typed views of the two ModuleLists (same module objects).
+  std::vector<FluxTransformerBlock> blocks;
+  std::vector<FluxSingleTransformerBlock> single_blocks;
+
+ private:
+  FluxTransformer2DModelOptions options_;
+};
+TORCH_MODULE(FluxTransformer2DModel);
+
+// Fills every parameter of `module` deterministically from `seed`, independent of its dtype and
+// device (values are drawn in float32 on the CPU in name order, then converted): 2-D weights and
+// their biases ~ U(-1/√in, 1/√in) like torch.nn.Linear's default initialization, 1-D weights
+// without a 2-D sibling (RMSNorm scales) ~ 1 + U(-0.1, 0.1). For tests and benchmarks; real weights
+// come from a state dict. Needs exclusive access to the module.
+void InitRandomWeights(torch::nn::Module& module, uint64_t seed);
+
+// ---------------------------------------------------------------------------------------------
+
+// The ds::DiffusionModel for Flux: FluxTransformer2DModel plus validation of named inputs.
+// Inputs: hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids
+// (required) and guidance (required when the config has guidance_embeds, rejected otherwise).
+class FluxTransformer final : public ds::DiffusionModel {
+ public:
+  // INVALID_ARGUMENT for an invalid config (naming the field), an unsupported dtype
+  // (float32/bfloat16/float16 only) or device type (cpu/cuda only); UNIMPLEMENTED for CUDA when
+  // LibTorch or the machine has none; INTERNAL if LibTorch fails (e.g. out of memory).
+  static absl::StatusOr<std::unique_ptr<FluxTransformer>> Create(const nlohmann::json& config,
+                                                                 const ds::ModelOptions& options);
+
+  const std::string& class_name() const override;
+  const nlohmann::json& config() const override { return config_json_; }
+  const ds::ModelOptions& options() const override { return options_; }
+  torch::nn::Module& module() override { return *model_; }
+  const torch::nn::Module& module() const override { return *model_; }
+  std::vector<std::string> required_inputs() const override;
+  std::vector<std::string> optional_inputs() const override;
+
+  // INVALID_ARGUMENT naming the input for an unknown or missing name, an undefined tensor, a
+  // non-floating tensor (ids may also be integral), or a shape that does not match the config or
+  // the other inputs; for guidance given without guidance_embeds or missing with it. INTERNAL if
+  // LibTorch fails.
+  absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs) const override;
+  // Same, also capturing intermediates (see Intermediates) when `intermediates` is non-null.
+  absl::StatusOr<torch::Tensor> ForwardWithIntermediates(const TensorMap& inputs,
+                                                         Intermediates* intermediates) const;
+
+  // Validates named inputs and returns them as FluxInputs (tensors unchanged; 3-D ids reduced to
+  // [0]). Errors as for Forward().
+  absl::StatusOr<FluxInputs> PrepareInputs(const TensorMap& inputs) const;
+
+  const FluxConfig& flux_config() const { return model_->config(); }
+  FluxTransformer2DModel& transformer() { return model_; }
+  const FluxTransformer2DModel& transformer() const { return model_; }
+
+ private:
+  FluxTransformer(nlohmann::json config_json, ds::ModelOptions options,
+                  FluxTransformer2DModel model);
+  nlohmann::json config_json_;
+  ds::ModelOptions options_;
+  FluxTransformer2DModel model_;
+};
+
+// The registry-facing factory: FluxTransformer::Create as a ds::DiffusionModel.
+absl::StatusOr<std::unique_ptr<ds::DiffusionModel>> CreateFluxTransformer(
+    const nlohmann::json& config, const ds::ModelOptions& options);
+
+}  // namespace ds::flux
