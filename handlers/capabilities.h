@@ -8,25 +8,5 @@
 // Handler objects are owned by their model folder (static lifetime), immutable and thread-safe.
 #pragma once
 
-#include <string>
-#include <vector>
-
-namespace ds {
-
-// The per-model LoRA format handler: format markers and pure conversions to diffusers naming.
-class LoraHandler {
- public:
-  virtual ~LoraHandler() = default;
-  // Names of the foreign formats this model converts (e.g. "kohya", "xlabs"), any order.
-  virtual std::vector<std::string> FormatNames() const = 0;
-};
-
-// The per-model single-file weight-mapping handler: variant detection and key mapping.
-class WeightMappingHandler {
- public:
-  virtual ~WeightMappingHandler() = default;
-  // Names of the variants whose config it resolves from a single file (e.g. "flux-dev"), any order.
-  virtual std::vector<std::string> VariantNames() const = 0;
-};
-
-}  // namespace ds
+#include "handlers/lora_format.h"     // LoraHandler
+#include "handlers/weight_mapping.h"  // WeightMappingHandler

@@ -14,6 +14,10 @@ class FakeLora : public LoraHandler {
  public:
   explicit FakeLora(List formats) : formats_(std::move(formats)) {}
   List FormatNames() const override { return formats_; }
+  std::optional<std::string> DetectFormat(const KeyShapes&) const override { return std::nullopt; }
+  absl::StatusOr<LoraPlan> PlanConversion(const LoraKeys&, const std::string&) const override {
+    return LoraPlan{};
+  }
 
  private:
   List formats_;
@@ -23,6 +27,17 @@ class FakeMapping : public WeightMappingHandler {
  public:
   explicit FakeMapping(List variants) : variants_(std::move(variants)) {}
   List VariantNames() const override { return variants_; }
+  List MarkerKeys() const override { return {}; }
+  absl::StatusOr<std::optional<WeightMappingDetection>> Detect(const KeyShapes&) const override {
+    return std::nullopt;
+  }
+  absl::StatusOr<MappingPlan> PlanToDiffusers(const KeyShapes&,
+                                              const WeightMappingDetection&) const override {
+    return MappingPlan{};
+  }
+  absl::StatusOr<MappingPlan> PlanFromDiffusers(const KeyShapes&) const override {
+    return MappingPlan{};
+  }
 
  private:
   List variants_;
@@ -32,8 +47,8 @@ ModelSpec Spec(std::string name, std::string cls) {
   ModelSpec s;
   s.name = std::move(name);
   s.class_name = std::move(cls);
-  s.factory = [](const nlohmann::json&, const ModelOptions&)
-      -> absl::StatusOr<std::unique_ptr<DiffusionModel>> {
+  s.factory = [](const nlohmann::json&,
+                 const ModelOptions&) -> absl::StatusOr<std::unique_ptr<DiffusionModel>> {
     return absl::UnimplementedError("test spec builds nothing");
   };
   return s;
