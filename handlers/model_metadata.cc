@@ -145,8 +145,8 @@ std::string ModelMetadata::Render(bool verbose) const {
   out += "\n";
   for (std::size_t i = 0; i < rows_.size(); ++i) {
     const FeatureRow& r = rows_[i];
-    absl::StrAppend(&out, "  ", r.attribute,
-                    std::string(attr_w - Utf8Width(r.attribute), ' '), "  ", r.display, "\n");
+    absl::StrAppend(&out, "  ", r.attribute, std::string(attr_w - Utf8Width(r.attribute), ' '),
+                    "  ", r.display, "\n");
     if (verbose) {
       if (!r.description.empty()) absl::StrAppend(&out, "      ", r.description, "\n");
       if (!r.docs_link.empty()) absl::StrAppend(&out, "      See ", r.docs_link, "\n");

@@ -2,9 +2,9 @@
 //
 // Rows are keyed by the diffusers class-attribute names (`_lora`, `_weight_mapping`,
 // `_no_split_modules`, ...). Each row has a typed value, the display string, a one-line description
-// and a docs link. Rows are never typed by hand for a model: BuildModelMetadata() (registry.h) derives
-// them from the model's spec and wired handlers, using the attribute catalogue below for the
-// descriptions and links.
+// and a docs link. Rows are never typed by hand for a model: BuildModelMetadata() (registry.h)
+// derives them from the model's spec and wired handlers, using the attribute catalogue below for
+// the descriptions and links.
 //
 // Pure (no LibTorch). Immutable after construction; safe to share across threads.
 #pragma once

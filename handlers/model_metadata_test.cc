@@ -23,8 +23,7 @@ ModelMetadata Sample() {
   return ModelMetadata("FluxTransformer2DModel",
                        {Row("_lora", List{"bfl", "kohya"}),
                         Row("_no_split_modules", List{"FluxTransformerBlock", "FluxSingle"}),
-                        Row("_supports_ip_adapter", true),
-                        Row("_supports_cache", false),
+                        Row("_supports_ip_adapter", true), Row("_supports_cache", false),
                         Row("_keep_in_fp32_modules", List{})});
 }
 
@@ -33,8 +32,8 @@ TEST(ModelMetadataTest, KeepsTruthyRowsInCatalogOrder) {
   EXPECT_THAT(m.keys(), ElementsAre("_no_split_modules", "_lora", "_supports_ip_adapter"));
   EXPECT_EQ(m.size(), 3u);
   EXPECT_TRUE(m.contains("_lora"));
-  EXPECT_FALSE(m.contains("_supports_cache"));         // false flags are not shown
-  EXPECT_FALSE(m.contains("_keep_in_fp32_modules"));   // empty lists are not shown
+  EXPECT_FALSE(m.contains("_supports_cache"));        // false flags are not shown
+  EXPECT_FALSE(m.contains("_keep_in_fp32_modules"));  // empty lists are not shown
   EXPECT_EQ(m.Find("_nope"), nullptr);
 }
 
@@ -55,7 +54,8 @@ TEST(ModelMetadataTest, TypedValuesAndItems) {
   EXPECT_EQ(m.values().size(), 3u);
   EXPECT_EQ(m.Find("_lora")->display, "bfl, kohya");
   EXPECT_EQ(m.Find("_supports_ip_adapter")->display, "True");
-  EXPECT_THAT(m.Find("_lora")->docs_link, HasSubstr("https://huggingface.co/docs/diffusers/main/en"));
+  EXPECT_THAT(m.Find("_lora")->docs_link,
+              HasSubstr("https://huggingface.co/docs/diffusers/main/en"));
 }
 
 TEST(ModelMetadataTest, UnknownAttributeIsRejected) {
@@ -104,7 +104,8 @@ TEST(ModelMetadataTest, RenderTable) {
 TEST(ModelMetadataTest, RenderVerboseAddsDescriptionAndLink) {
   ModelMetadata m = Sample();
   std::vector<std::string> lines = absl::StrSplit(m.Render(true), '\n');
-  // title, rule, then per row: row, description, link, blank (no blank after the last), trailing "".
+  // title, rule, then per row: row, description, link, blank (no blank after the last), trailing
+  // "".
   ASSERT_EQ(lines.size(), 2u + 4 * m.size());
   for (std::size_t i = 0; i < m.size(); ++i) {
     const FeatureRow& r = m.rows()[i];

@@ -88,7 +88,8 @@ absl::StatusOr<const ModelSpec*> ModelRegistry::Find(std::string_view name) cons
     }
   }
   std::vector<std::string> known;
-  for (const ModelSpec* s : List()) known.push_back(absl::StrCat(s->class_name, " (", s->name, ")"));
+  for (const ModelSpec* s : List())
+    known.push_back(absl::StrCat(s->class_name, " (", s->name, ")"));
   return absl::NotFoundError(absl::StrCat("no registered model named '", std::string(name),
                                           "'; registered: ", absl::StrJoin(known, ", ")));
 }

@@ -4,10 +4,9 @@
 
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/status/statusor.h"
 #include "handlers/capabilities.h"
@@ -75,7 +74,7 @@ struct ModelRegistrar {
 #define DS_REGISTER_MODEL_CONCAT_INNER_(a, b) a##b
 #define DS_REGISTER_MODEL_CONCAT_(a, b) DS_REGISTER_MODEL_CONCAT_INNER_(a, b)
 // Usage in a model folder's spec.cc: DS_REGISTER_MODEL(MakeFluxSpec());
-#define DS_REGISTER_MODEL(spec_expr)                                                  \
+#define DS_REGISTER_MODEL(spec_expr)                                               \
   static const ::ds::ModelRegistrar DS_REGISTER_MODEL_CONCAT_(ds_model_registrar_, \
                                                               __LINE__)(spec_expr)
 

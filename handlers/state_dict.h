@@ -1,11 +1,11 @@
 // Strict state-dict loading into LibTorch modules, and diffusers-format model folders.
 #pragma once
 
-#include <string>
-#include <vector>
+#include <torch/nn/module.h>
 
 #include <nlohmann/json.hpp>
-#include <torch/nn/module.h>
+#include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -39,16 +39,17 @@ absl::Status LoadStateDict(torch::nn::Module& module, const TensorMap& state_dic
                            std::string_view source = "state dict",
                            StateDictReport* report = nullptr);
 
-// Reads a JSON file. NOT_FOUND if absent; INVALID_ARGUMENT (with file and parse position) if invalid.
+// Reads a JSON file. NOT_FOUND if absent; INVALID_ARGUMENT (with file and parse position) if
+// invalid.
 absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path);
 
 // A diffusers-format model folder: `config.json` plus `diffusion_pytorch_model.safetensors`, or
 // `diffusion_pytorch_model.safetensors.index.json` with its shards (also `model.safetensors[...]`,
 // as transformers names them).
 struct ModelFolder {
-  std::string dir;             // the folder the files were found in
-  nlohmann::json config;       // parsed config.json
-  TensorMap weights;           // zero-copy views over the mapped files
+  std::string dir;        // the folder the files were found in
+  nlohmann::json config;  // parsed config.json
+  TensorMap weights;      // zero-copy views over the mapped files
 };
 
 // Opens `dir` as a model folder. If `dir` has no config.json but has a `subfolder` (e.g. a pipeline

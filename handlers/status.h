@@ -2,7 +2,8 @@
 //
 // Abseil 20220623 (Debian 12) ships no RETURN_IF_ERROR / ASSIGN_OR_RETURN, so they live here.
 // Note: Debian's Abseil is built with its own absl::string_view (not std::string_view), so
-// absl::StrCat and absl::Status messages take absl::string_view / std::string, not std::string_view.
+// absl::StrCat and absl::Status messages take absl::string_view / std::string, not
+// std::string_view.
 //
 // Also: TorchCall(), which runs a LibTorch call and turns any c10::Error / std::exception into an
 // absl::Status, so that exceptions never cross a layer boundary.
@@ -21,14 +22,14 @@
 #define DS_STATUS_CONCAT_(a, b) DS_STATUS_CONCAT_INNER_(a, b)
 
 // Evaluates `expr` (an absl::Status); returns it from the enclosing function if not OK.
-#define RETURN_IF_ERROR(expr)                             \
-  do {                                                    \
-    ::absl::Status ds_status_ = (expr);                   \
-    if (!ds_status_.ok()) return ds_status_;              \
+#define RETURN_IF_ERROR(expr)                \
+  do {                                       \
+    ::absl::Status ds_status_ = (expr);      \
+    if (!ds_status_.ok()) return ds_status_; \
   } while (0)
 
-// `ASSIGN_OR_RETURN(auto x, F());` evaluates F() (an absl::StatusOr<T>); on error returns its status,
-// otherwise move-assigns the value to the left-hand side.
+// `ASSIGN_OR_RETURN(auto x, F());` evaluates F() (an absl::StatusOr<T>); on error returns its
+// status, otherwise move-assigns the value to the left-hand side.
 #define ASSIGN_OR_RETURN(lhs, expr) \
   DS_ASSIGN_OR_RETURN_IMPL_(DS_STATUS_CONCAT_(ds_statusor_, __LINE__), lhs, expr)
 #define DS_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \

@@ -1,8 +1,8 @@
 #include "handlers/threads.h"
 
-#include <thread>
-
 #include <ATen/Parallel.h>
+
+#include <thread>
 
 namespace ds {
 
