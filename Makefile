@@ -32,6 +32,7 @@ run: build
 bench: build
 	$(BUILD_DIR)/bench/flux_forward_bench
 	$(BUILD_DIR)/bench/safetensors_mmap_bench
+	$(BUILD_DIR)/bench/single_file_bench
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -19,34 +19,17 @@
 
 #include "absl/strings/str_cat.h"
 #include "handlers/safetensors_format.h"
+#include "testing/test_util.h"
 
 namespace ds {
 namespace {
 
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
+
 namespace fs = std::filesystem;
 using safetensors::DType;
 using safetensors::RawTensor;
-
-// A fresh directory under $TMPDIR (or /tmp), removed with its contents on destruction.
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    std::string pattern = absl::StrCat(base != nullptr ? base : "/tmp", "/safetensors_test.XXXXXX");
-    char* made = mkdtemp(pattern.data());
-    EXPECT_NE(made, nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string File(const std::string& name) const { return (fs::path(path_) / name).string(); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 void WriteBytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -529,16 +512,6 @@ TEST(WriteSafetensorsTest, ReplacesAnExistingFileAtomically) {
   // The old mapping still shows the old contents (the rename replaced the name, not the inode).
   EXPECT_TRUE(torch::equal(old_view, torch::ones({3})));
   EXPECT_EQ(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()), 1);
-}
-
-std::string GoldenDir() {
-  const char* env = std::getenv("DS_GOLDEN_DIR");
-  if (env != nullptr && *env != '\0') return env;
-#ifdef DS_GOLDEN_DIR
-  return DS_GOLDEN_DIR;
-#else
-  return "";
-#endif
 }
 
 // Reads the file's header with nlohmann directly and checks that SafetensorsFile agrees on every

@@ -11,9 +11,13 @@
 
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
+#include "testing/test_util.h"
 
 namespace ds {
 namespace {
+
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
@@ -35,24 +39,6 @@ Result RunCli(const std::string& args) {
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
 }
-
-std::string GoldenDir() {
-  const char* env = std::getenv("DS_GOLDEN_DIR");
-  return env != nullptr ? env : DS_GOLDEN_DIR;
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "cli_test_XXXXXX").string();
-    path_ = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 TEST(CliTest, DescribePrintsTheRegistryMetadata) {
   auto spec = ModelRegistry::Global().Find("FluxTransformer2DModel");

@@ -13,31 +13,16 @@
 
 #include "handlers/registry.h"
 #include "handlers/state_dict.h"
+#include "testing/test_util.h"
 
 namespace ds {
 namespace {
 
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
-
-std::string GoldenDir() {
-  const char* env = std::getenv("DS_GOLDEN_DIR");
-  return env != nullptr ? env : DS_GOLDEN_DIR;
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "single_file_test_XXXXXX").string();
-    path_ = mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 struct Case {
   std::string name;
@@ -127,7 +112,7 @@ TEST(SingleFileTest, ConvertWritesAFolderThatLoadsAndRoundTripsExactly) {
   TempDir tmp;
   for (const Case& c : Cases()) {
     SCOPED_TRACE(c.name);
-    const std::string out = tmp / c.name;
+    const std::string out = tmp.File(c.name);
     auto report = ConvertSingleFile((c.dir / "original.safetensors").string(), out, OptionsFor(c));
     ASSERT_TRUE(report.ok()) << report.status();
     ExpectBitwiseEqual(Load(out + "/diffusion_pytorch_model.safetensors"),
@@ -166,7 +151,7 @@ TEST(SingleFileTest, DiffusersNamedSingleFilesLoadToo) {
 
 // Writes `tensors` (with the given key changes) to a new file.
 std::string Rewrite(const TempDir& tmp, const std::string& name, TensorMap tensors) {
-  const std::string path = tmp / name;
+  const std::string path = tmp.File(name);
   EXPECT_TRUE(WriteSafetensors(path, tensors).ok());
   return path;
 }
@@ -251,7 +236,7 @@ TEST(SingleFileTest, CorruptAndTruncatedFiles) {
     std::ifstream in(good, std::ios::binary);
     bytes.assign(std::istreambuf_iterator<char>(in), {});
   }
-  const std::string truncated = tmp / "truncated.safetensors";
+  const std::string truncated = tmp.File("truncated.safetensors");
   std::ofstream(truncated, std::ios::binary).write(bytes.data(), bytes.size() / 2);
   auto r = LoadSingleFile(truncated, OptionsFor(c));
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
@@ -259,11 +244,11 @@ TEST(SingleFileTest, CorruptAndTruncatedFiles) {
 
   std::string corrupt = bytes;
   corrupt[10] = '\x01';  // inside the JSON header
-  const std::string corrupt_path = tmp / "corrupt.safetensors";
+  const std::string corrupt_path = tmp.File("corrupt.safetensors");
   std::ofstream(corrupt_path, std::ios::binary).write(corrupt.data(), corrupt.size());
   EXPECT_EQ(LoadSingleFile(corrupt_path, OptionsFor(c)).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(LoadSingleFile(tmp / "absent.safetensors").status().code(),
+  EXPECT_EQ(LoadSingleFile(tmp.File("absent.safetensors")).status().code(),
             absl::StatusCode::kNotFound);
 }
 

@@ -15,19 +15,18 @@
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
 #include "models/flux/transformer.h"
+#include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
+
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
 
 namespace fs = std::filesystem;
 
 constexpr double kRelativeTolerance = 1e-4;
 constexpr char kIntermediatePrefix[] = "intermediate/";
-
-std::string GoldenDir() {
-  if (const char* env = std::getenv("DS_GOLDEN_DIR"); env != nullptr && *env != '\0') return env;
-  return DS_GOLDEN_DIR;
-}
 
 // Every folder under <golden>/flux/ that holds a forward case.
 std::vector<std::string> DiscoverCases() {

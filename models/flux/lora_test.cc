@@ -22,9 +22,13 @@
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
 #include "models/flux/spec.h"
+#include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
+
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
 
 namespace fs = std::filesystem;
 using ::testing::ElementsAre;
@@ -392,11 +396,6 @@ TEST(FluxLoraTest, KeysThatAreNotAppliedAreReportedWithReasons) {
 
 // ---------------------------------------------------------------------------------------------
 // Golden cases.
-
-std::string GoldenDir() {
-  if (const char* env = std::getenv("DS_GOLDEN_DIR"); env != nullptr && *env != '\0') return env;
-  return DS_GOLDEN_DIR;
-}
 
 fs::path LoraDir() { return fs::path(GoldenDir()) / "lora"; }
 

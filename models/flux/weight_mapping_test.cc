@@ -11,17 +11,16 @@
 #include <sstream>
 
 #include "handlers/safetensors_format.h"
+#include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
 
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
-
-std::string GoldenDir() {
-  const char* env = std::getenv("DS_GOLDEN_DIR");
-  return env != nullptr ? env : DS_GOLDEN_DIR;
-}
 
 std::string ReadFile(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
