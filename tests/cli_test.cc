@@ -11,6 +11,7 @@
 
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
+#include "handlers/state_dict.h"
 #include "testing/test_util.h"
 
 namespace ds {
@@ -97,6 +98,49 @@ TEST(CliTest, ForwardReproducesEveryGoldenCase) {
     EXPECT_LE((a - b).abs().max().item<double>(), tol) << entry.path();
   }
   EXPECT_GT(cases, 0);
+}
+
+TEST(CliTest, InspectAndConvertSingleFiles) {
+  const fs::path root = fs::path(GoldenDir()) / "single_file";
+  ASSERT_TRUE(fs::is_directory(root)) << root;
+  TempDir tmp;
+  int cases = 0;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const fs::path original = entry.path() / "original.safetensors";
+    if (!fs::exists(original)) continue;
+    ++cases;
+    auto golden = ReadJsonFile((entry.path() / "config.json").string());
+    ASSERT_TRUE(golden.ok());
+    const std::string variant = (*golden)["detected_model_type"].get<std::string>();
+    Result r = RunCli("inspect " + original.string() + " --json --threads 1");
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    const nlohmann::json report = nlohmann::json::parse(r.out);
+    EXPECT_EQ(report["variant"], variant) << entry.path();
+    EXPECT_EQ(report["model_class"], "FluxTransformer2DModel");
+
+    // convert, then run forward on the converted folder against the case's golden output.
+    const std::string axes = (*golden)["model_config"]["axes_dims_rope"].dump();
+    const std::string out_dir = tmp.File(entry.path().filename().string());
+    Result c = RunCli("convert " + original.string() + " " + out_dir +
+                      " --config '{\"axes_dims_rope\": " + axes + "}' --threads 1");
+    ASSERT_EQ(c.exit_code, 0) << c.out;
+    const fs::path io = entry.path() / "io.safetensors";
+    if (!fs::exists(io)) continue;
+    const std::string out = out_dir + "/out.safetensors";
+    Result f = RunCli("forward --model " + out_dir + " --inputs " + io.string() + " --output " +
+                      out + " --threads 1");
+    ASSERT_EQ(f.exit_code, 0) << f.out;
+    auto ours = SafetensorsFile::Open(out);
+    auto want = SafetensorsFile::Open(io.string());
+    ASSERT_TRUE(ours.ok() && want.ok());
+    torch::Tensor a = *(*ours)->Get("output");
+    torch::Tensor b = *(*want)->Get("output");
+    EXPECT_LE((a - b).abs().max().item<double>(), 1e-4 * b.abs().max().item<double>());
+  }
+  EXPECT_GT(cases, 0);
+  Result bad = RunCli("inspect " + tmp.File("absent.safetensors") + " --threads 1");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.out, HasSubstr("NOT_FOUND"));
 }
 
 }  // namespace
