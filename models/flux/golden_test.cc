@@ -130,11 +130,7 @@ TEST_P(FluxGoldenTest, ForwardMatchesDiffusers) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, FluxGoldenTest, ::testing::ValuesIn(DiscoverCases()),
                          [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string name = info.param;
-                           for (char& ch : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           }
-                           return name;
+                           return ::ds::test::CaseTestName(info.param);
                          });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(FluxGoldenTest);
 

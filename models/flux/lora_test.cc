@@ -649,11 +649,7 @@ TEST_P(FluxLoraGoldenTest, ConvertsLikeDiffusersOrAsTheFormatMeans) {
 
 INSTANTIATE_TEST_SUITE_P(Golden, FluxLoraGoldenTest, ::testing::ValuesIn(DiscoverCases()),
                          [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string name = info.param;
-                           for (char& c : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           }
-                           return name;
+                           return ::ds::test::CaseTestName(info.param);
                          });
 GTEST_ALLOW_UNINSTANTIATED_PARAMETERIZED_TEST(FluxLoraGoldenTest);
 
