@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "handlers/digest.h"
 #include "handlers/status.h"
 
 namespace ds {
@@ -599,7 +600,9 @@ absl::StatusOr<ConvertedLora> ConvertLoraFile(const std::string& path, const Lor
   auto converted = ConvertLora(tensors, file->metadata(), handler);
   if (!converted.ok()) return Annotate(converted.status(), LoraName(path));
   converted->path = path;
-  converted->file_bytes = static_cast<int64_t>(file->mapped_bytes().size());
+  const std::string_view bytes = file->mapped_bytes();
+  converted->file_bytes = static_cast<int64_t>(bytes.size());
+  converted->sha256 = Sha256Hex(bytes.data(), bytes.size());
   converted->convert_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return converted;
 }
@@ -652,6 +655,7 @@ absl::StatusOr<LoraReport> ValidateLora(const ConvertedLora& lora, const KeyShap
   report.path = lora.path;
   report.format = lora.format;
   report.file_bytes = lora.file_bytes;
+  report.sha256 = lora.sha256;
   report.tensor_bytes = lora.TensorBytes();
   std::vector<std::string> problems;
 
@@ -827,7 +831,8 @@ std::string LoraReport::ToString() const {
       modules.size(), " target modules, ", overlays.size(), " replaced parameters, ",
       expansions.size(), " widened inputs, ", unmatched.size(), " unmatched\n",
       absl::StrFormat("  %d bytes in the file, %d bytes of tensors, %.3f ms\n", file_bytes,
-                      tensor_bytes, seconds * 1e3));
+                      tensor_bytes, seconds * 1e3),
+      sha256.empty() ? std::string() : absl::StrCat("  sha256 ", sha256, "\n"));
   std::vector<std::string> ranks;
   for (const auto& [rank, count] : RankHistogram()) {
     ranks.push_back(absl::StrCat(rank, " (", count, count == 1 ? " module)" : " modules)"));
@@ -880,6 +885,7 @@ nlohmann::json LoraReport::ToJson() const {
   for (const auto& [rank, count] : RankHistogram()) ranks[std::to_string(rank)] = count;
   j["ranks"] = ranks;
   j["file_bytes"] = file_bytes;
+  j["sha256"] = sha256;
   j["tensor_bytes"] = tensor_bytes;
   j["seconds"] = seconds;
   return j;

@@ -227,6 +227,7 @@ struct ConvertedLora {
   std::map<std::string, std::string> unused;    // key in the file -> reason it is not used
   std::map<std::string, std::string> metadata;  // the file's __metadata__
   int64_t file_bytes = 0;                       // size of the file (0 when not from a file)
+  std::string sha256;                           // hex SHA-256 of the file bytes ("" without one)
   double convert_seconds = 0;                   // wall time of read + conversion
   // Bytes of the distinct tensor storage the modules and overlays hold.
   int64_t TensorBytes() const;
@@ -286,6 +287,7 @@ struct LoraReport {
   std::vector<LoraInputExpansion> expansions;
   std::map<std::string, std::string> unmatched;  // key in the file or target -> reason
   int64_t file_bytes = 0;
+  std::string sha256;  // of the file bytes: the adapter's content address
   int64_t tensor_bytes = 0;
   double seconds = 0;  // read + convert + validate
 
