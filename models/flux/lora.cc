@@ -499,8 +499,12 @@ bool IsDiffusersKey(const std::string& key) {
                                                               "time_text_embed.",
                                                               "norm_out.",
                                                               "proj_out."};
-  return std::any_of(kTopLevel->begin(), kTopLevel->end(),
-                     [&](const std::string& p) { return StartsWith(key, p); });
+  // A diffusers module name alone is not a LoRA (a model's own state dict has those too): the key
+  // must also carry a LoRA tensor suffix.
+  const bool lora_tensor = key.find(".lora_A.") != std::string::npos ||
+                           key.find(".lora_B.") != std::string::npos;
+  return lora_tensor && std::any_of(kTopLevel->begin(), kTopLevel->end(),
+                                    [&](const std::string& p) { return StartsWith(key, p); });
 }
 
 bool IsXlabsKey(const std::string& key) {
