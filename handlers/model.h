@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "handlers/lora_context.h"
 #include "handlers/safetensors.h"
 
 namespace ds {
@@ -77,9 +78,16 @@ class DiffusionModel {
   virtual std::vector<std::string> required_inputs() const = 0;
   virtual std::vector<std::string> optional_inputs() const = 0;
 
-  // Runs one forward pass. INVALID_ARGUMENT naming the input at fault for a missing input or a
-  // wrong shape; INTERNAL if LibTorch fails.
-  virtual absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs) const = 0;
+  // Runs one forward pass with the unfused adapters of `lora` (nullptr or empty: none; see
+  // lora_context.h). INVALID_ARGUMENT naming the input at fault for a missing input or a wrong
+  // shape (an input-widening adapter in `lora` changes the accepted width); INTERNAL if LibTorch
+  // fails. A model whose spec wires no LoRA handler never receives a non-empty context.
+  virtual absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs,
+                                                const LoraContext* lora) const = 0;
+  // The forward pass without adapters.
+  absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs) const {
+    return Forward(inputs, nullptr);
+  }
 };
 
 // The class name of a LibTorch module implementation type as diffusers spells it:

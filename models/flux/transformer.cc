@@ -185,6 +185,11 @@ FluxTransformer2DModelImpl::FluxTransformer2DModelImpl(const FluxTransformer2DMo
   proj_out = register_module(
       "proj_out", Linear(LinearOptions{dim, c.patch_size * c.patch_size * c.resolved_out_channels(),
                                        true, to}));
+  // Name every linear and norm after its place in the module tree (the LoRA context keys).
+  for (const auto& item : named_modules(/*name_prefix=*/"", /*include_self=*/false)) {
+    if (auto* l = dynamic_cast<LinearImpl*>(item.value().get())) l->path = item.key();
+    if (auto* n = dynamic_cast<RMSNormImpl*>(item.value().get())) n->path = item.key();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,6 +205,7 @@ struct Ctx {
   torch::ScalarType act;    // activations: the model dtype, or float32 when emulating
   bool emulate;  // float32 arithmetic rounded to `dtype`, see FluxTransformer2DModelImpl::forward
   Intermediates* sink;
+  const ds::LoraContext* lora;  // nullptr: no adapters
   // Attention score workspace, reused by every block of this forward (see Attention()).
   mutable Tensor scores;
 
@@ -218,10 +224,45 @@ struct Ctx {
                          /*copy=*/true);
   }
   bool capturing() const { return sink != nullptr; }
+
+  // Parameter `p` of the module at `path` (`suffix` ".weight" / ".bias"), or its LoRA overlay.
+  const Tensor& P(const std::string& path, const char* suffix, const Tensor& p) const {
+    if (lora == nullptr || lora->overlays().empty() || !p.defined()) return p;
+    const Tensor* overlay = lora->Overlay(path + suffix);
+    return overlay != nullptr ? *overlay : p;
+  }
+  // The LoRA deltas on linear module `l`, or nullptr.
+  const ds::LinearLora* Deltas(const LinearImpl& l) const {
+    return lora == nullptr ? nullptr : lora->Find(l.path);
+  }
 };
 
+// The first `width` features of x (x itself when it is that wide).
+Tensor Leading(const Tensor& x, int64_t width) {
+  return x.size(-1) == width ? x : x.narrow(-1, 0, width);
+}
+
+// y += Σ scale · (B (A x) + bias) over the deltas, accumulated in place into y [..., out] (whose
+// last dimension must be contiguous with rows of stride y.size(-1) or wider).
+void AddLora(const Ctx& c, const ds::LinearLora& lora, const Tensor& x, Tensor& y) {
+  const int64_t out = y.size(-1);
+  Tensor y2 = y.dim() == 2 ? y : y.view({-1, out});
+  for (const ds::LoraDelta& d : lora.deltas) {
+    const Tensor xd = Leading(x, d.down.size(1));
+    const Tensor t = c.R(at::linear(xd, c.W(d.down)));
+    at::addmm_out(y2, y2, t.reshape({-1, t.size(-1)}), c.W(d.up).t(), /*beta=*/1,
+                  /*alpha=*/d.scale);
+    if (d.bias.defined()) y2.add_(c.W(d.bias), d.scale);
+    c.R(y2);
+  }
+}
+
 Tensor Lin(const Ctx& c, const LinearImpl& l, const Tensor& x) {
-  return c.R(at::linear(x, c.W(l.weight), l.bias.defined() ? c.W(l.bias) : Tensor()));
+  const Tensor& w = c.P(l.path, ".weight", l.weight);
+  const Tensor& b = c.P(l.path, ".bias", l.bias);
+  Tensor y = c.R(at::linear(Leading(x, w.size(1)), c.W(w), b.defined() ? c.W(b) : Tensor()));
+  if (const ds::LinearLora* lora = c.Deltas(l)) AddLora(c, *lora, x, y);
+  return y;
 }
 
 Tensor SiLU(const Ctx& c, const Tensor& x) { return c.R(at::silu(x)); }
@@ -257,7 +298,7 @@ Tensor RMS(const Ctx& c, const RMSNormImpl& n, const Tensor& x) {
   Tensor y = xf * inv;
   if (y.scalar_type() != c.act) y = y.to(c.act);
   c.R(y);
-  y.mul_(c.W(n.weight));
+  y.mul_(c.W(c.P(n.path, ".weight", n.weight)));
   return c.R(y);
 }
 
@@ -410,9 +451,12 @@ void SingleBlock(const Ctx& c, const FluxSingleTransformerBlockImpl& blk, Tensor
   Tensor joint = torch::empty({batch, seq, dim + mlp}, nx.options());
   {
     Tensor act = joint.view({batch * seq, dim + mlp}).narrow(1, dim, mlp);
-    const Tensor& bias = blk.proj_mlp->bias;
-    at::addmm_out(act, c.W(bias), nx.reshape({batch * seq, dim}), c.W(blk.proj_mlp->weight).t());
+    const LinearImpl& pm = *blk.proj_mlp;
+    const Tensor nx2 = nx.reshape({batch * seq, dim});
+    at::addmm_out(act, c.W(c.P(pm.path, ".bias", pm.bias)), nx2,
+                  c.W(c.P(pm.path, ".weight", pm.weight)).t());
     c.R(act);
+    if (const ds::LinearLora* lora = c.Deltas(pm)) AddLora(c, *lora, nx2, act);
     at::gelu_(act, "tanh");
     c.R(act);
   }
@@ -447,11 +491,12 @@ bool CpuHasFastBFloat16() {
 
 }  // namespace
 
-Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* sink) const {
+Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* sink,
+                                          const ds::LoraContext* lora) const {
   c10::InferenceMode inference;
   const FluxConfig& cfg = options_.config;
   const torch::Device dev = options_.device;
-  Ctx c{options_.dtype, options_.dtype, false, sink};
+  Ctx c{options_.dtype, options_.dtype, false, sink, lora != nullptr && !lora->empty() ? lora : nullptr};
   if (dev.is_cpu() && (options_.dtype == torch::kHalf ||
                        (options_.dtype == torch::kBFloat16 && !CpuHasFastBFloat16()))) {
     c.emulate = true;
@@ -621,7 +666,8 @@ std::vector<std::string> FluxTransformer::required_inputs() const {
 
 std::vector<std::string> FluxTransformer::optional_inputs() const { return {}; }
 
-absl::StatusOr<FluxInputs> FluxTransformer::PrepareInputs(const TensorMap& inputs) const {
+absl::StatusOr<FluxInputs> FluxTransformer::PrepareInputs(const TensorMap& inputs,
+                                                          const ds::LoraContext* lora) const {
   const FluxConfig& cfg = flux_config();
   const std::vector<std::string> required = required_inputs();
   for (const auto& [name, t] : inputs) {
@@ -666,10 +712,18 @@ absl::StatusOr<FluxInputs> FluxTransformer::PrepareInputs(const TensorMap& input
   if (in.guidance.defined()) RETURN_IF_ERROR(floating(kGuidance, in.guidance));
 
   const Tensor& x = in.hidden_states;
-  if (x.dim() != 3 || x.size(2) != cfg.in_channels || x.size(0) < 1 || x.size(1) < 1) {
+  const int64_t base_width = model_->input_width();
+  const int64_t width =
+      lora == nullptr ? base_width : lora->InputWidth(model_->x_embedder->path, base_width);
+  if (x.dim() != 3 || x.size(2) != width || x.size(0) < 1 || x.size(1) < 1) {
+    std::string why;
+    if (width != cfg.in_channels) {
+      why = absl::StrCat(" (in_channels ", cfg.in_channels, " widened to ", width,
+                         " by a LoRA on x_embedder)");
+    }
     return InputError("hidden_states",
-                      absl::StrCat("expected [batch, image_tokens, ", cfg.in_channels,
-                                   "] with batch, image_tokens >= 1, got ", Shape(x)));
+                      absl::StrCat("expected [batch, image_tokens, ", width,
+                                   "] with batch, image_tokens >= 1", why, ", got ", Shape(x)));
   }
   const Tensor& ctx = in.encoder_hidden_states;
   if (ctx.dim() != 3 || ctx.size(2) != cfg.joint_attention_dim || ctx.size(0) < 1) {
@@ -736,15 +790,16 @@ absl::StatusOr<FluxInputs> FluxTransformer::PrepareInputs(const TensorMap& input
   return in;
 }
 
-absl::StatusOr<torch::Tensor> FluxTransformer::Forward(const TensorMap& inputs) const {
-  return ForwardWithIntermediates(inputs, nullptr);
+absl::StatusOr<torch::Tensor> FluxTransformer::Forward(const TensorMap& inputs,
+                                                       const ds::LoraContext* lora) const {
+  return ForwardWithIntermediates(inputs, nullptr, lora);
 }
 
 absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithIntermediates(
-    const TensorMap& inputs, Intermediates* intermediates) const {
-  ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs));
+    const TensorMap& inputs, Intermediates* intermediates, const ds::LoraContext* lora) const {
+  ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs, lora));
   return TorchCall("FluxTransformer2DModel forward",
-                   [&] { return model_->forward(in, intermediates); });
+                   [&] { return model_->forward(in, intermediates, lora); });
 }
 
 absl::StatusOr<std::unique_ptr<ds::DiffusionModel>> CreateFluxTransformer(

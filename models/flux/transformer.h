@@ -64,6 +64,9 @@ class LinearImpl : public torch::nn::Module {
   explicit LinearImpl(const LinearOptions& options);
   torch::Tensor weight;
   torch::Tensor bias;  // undefined without bias
+  // The module's name in the model ("transformer_blocks.0.attn.to_q"), set by the model once it is
+  // built; the key under which a LoraContext holds this module's deltas and overlays.
+  std::string path;
 };
 TORCH_MODULE(Linear);
 
@@ -78,6 +81,7 @@ class RMSNormImpl : public torch::nn::Module {
   explicit RMSNormImpl(const RMSNormOptions& options);
   torch::Tensor weight;
   double eps;
+  std::string path;  // as LinearImpl::path
 };
 TORCH_MODULE(RMSNorm);
 
@@ -267,12 +271,21 @@ class FluxTransformer2DModelImpl : public torch::nn::Module {
   // the documented shapes (FluxTransformer::Forward validates them and returns statuses); LibTorch
   // throws c10::Error otherwise.
   //
+  // With a non-null `lora` every linear module adds the context's deltas (computed in the same
+  // precision as the base product) and every parameter with an overlay uses it (see
+  // handlers/lora_context.h); hidden_states may then be as wide as lora->InputWidth("x_embedder").
+  //
   // On CPU, float16 (LibTorch 1.13 has almost no float16 CPU kernels) and bfloat16 unless the CPU
   // has AVX512-BF16 or AMX (elsewhere LibTorch's bfloat16 matrix products are ~50× slower than
   // float32 ones) are emulated: activations are computed in float32 and rounded to the model dtype
   // after every operation, which is what native kernels (float32 arithmetic, low-precision
   // results) produce up to summation order. Weights stay stored in the model dtype.
-  torch::Tensor forward(const FluxInputs& inputs, Intermediates* intermediates = nullptr) const;
+  torch::Tensor forward(const FluxInputs& inputs, Intermediates* intermediates = nullptr,
+                        const ds::LoraContext* lora = nullptr) const;
+
+  // The width of hidden_states the model accepts: x_embedder's weight width (in_channels, or wider
+  // while an input-widening LoRA is fused).
+  int64_t input_width() const { return x_embedder->weight.size(1); }
 
   const FluxConfig& config() const { return options_.config; }
   torch::Dtype dtype() const { return options_.dtype; }
@@ -328,14 +341,19 @@ class FluxTransformer final : public ds::DiffusionModel {
   // non-floating tensor (ids may also be integral), or a shape that does not match the config or
   // the other inputs; for guidance given without guidance_embeds or missing with it. INTERNAL if
   // LibTorch fails.
-  absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs) const override;
+  using ds::DiffusionModel::Forward;
+  absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs,
+                                        const ds::LoraContext* lora) const override;
   // Same, also capturing intermediates (see Intermediates) when `intermediates` is non-null.
   absl::StatusOr<torch::Tensor> ForwardWithIntermediates(const TensorMap& inputs,
-                                                         Intermediates* intermediates) const;
+                                                         Intermediates* intermediates,
+                                                         const ds::LoraContext* lora = nullptr) const;
 
   // Validates named inputs and returns them as FluxInputs (tensors unchanged; 3-D ids reduced to
-  // [0]). Errors as for Forward().
-  absl::StatusOr<FluxInputs> PrepareInputs(const TensorMap& inputs) const;
+  // [0]). hidden_states must be input_width() wide, or as wide as `lora` widens x_embedder.
+  // Errors as for Forward().
+  absl::StatusOr<FluxInputs> PrepareInputs(const TensorMap& inputs,
+                                           const ds::LoraContext* lora = nullptr) const;
 
   const FluxConfig& flux_config() const { return model_->config(); }
   FluxTransformer2DModel& transformer() { return model_; }
