@@ -3,6 +3,7 @@
 #include "models/flux/spec.h"
 
 #include "handlers/registry.h"
+#include "models/flux/lora.h"
 #include "models/flux/transformer.h"
 #include "models/flux/weight_mapping.h"
 
@@ -20,9 +21,9 @@ ModelSpec MakeFluxSpec() {
   spec.structure.repeated_blocks = blocks;
   // Module-name substrings whose weights stay in the compute dtype under layerwise casting.
   spec.structure.skip_layerwise_casting_patterns = {"pos_embed", "norm"};
-  // Capabilities wired (rows derived from the handlers): single-file loading. The LoRA handler
-  // (lora.h) converts every format but is wired only together with adapter attachment.
+  // Capabilities wired (rows derived from the handlers): single-file loading and LoRA formats.
   spec.weight_mapping = &FluxWeightMappingHandler();
+  spec.lora = &FluxLoraHandler();
   spec.factory = [](const nlohmann::json& config, const ModelOptions& options) {
     return CreateFluxTransformer(config, options);
   };
