@@ -90,6 +90,11 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
   ASSIGN_OR_RETURN(LoadedLora loaded,
                    LoadLora(path, *handler_, param_shapes_,
                             LoraLoadOptions{.allow_partial = options.allow_partial}));
+  if (!options.format_hint.empty() && loaded.lora.format != options.format_hint) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LoRA ", path, " is in format '", loaded.lora.format,
+                     "', not the expected '", options.format_hint, "'"));
+  }
   auto adapter = std::make_shared<LoraAdapter>();
   adapter->name = name;
   adapter->sha256 = loaded.lora.sha256;

@@ -96,6 +96,8 @@ struct AdapterLoadOptions {
   bool allow_partial = false;  // see LoraLoadOptions
   bool replace = false;        // replace an adapter of the same name
   bool pin = false;            // never evict it
+  // When non-empty, the detected format must be this one (INVALID_ARGUMENT otherwise).
+  std::string format_hint;
 };
 
 struct AdapterLoadResult {

@@ -403,6 +403,11 @@ TEST_F(LoraHostTest, BadInputIsAPreciseErrorAndChangesNothing) {
                {"nope.safetensors"});
   expect_error("big", WriteLora("big", 4096, 3), absl::StatusCode::kResourceExhausted,
                {"big.safetensors", "limit"});
+  // A format hint that detection contradicts.
+  auto hinted = host.Load("hinted", dir_.File("n.safetensors"), {.format_hint = "kohya"});
+  EXPECT_EQ(hinted.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(hinted.status().message()), HasSubstr("'diffusers'"));
+  unchanged();
   // Unload of an unknown name.
   EXPECT_EQ(host.Unload("nobody").code(), absl::StatusCode::kNotFound);
   unchanged();
