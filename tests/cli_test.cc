@@ -1,23 +1,41 @@
 // diffusion-cli end to end: describe prints the registry's metadata; forward reproduces the golden
-// outputs through the files users pass it.
+// outputs through the files users pass it; lora convert writes every golden LoRA case as a
+// diffusers/PEFT file whose deltas are the golden ones.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <string>
+#include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_replace.h"
+#include "handlers/lora_format.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
+#include "testing/lora_golden.h"
 #include "testing/test_util.h"
 
 namespace ds {
 namespace {
 
+using ::ds::test::Close;
+using ::ds::test::ExpectedLoraFormat;
+using ::ds::test::F64;
 using ::ds::test::GoldenDir;
+using ::ds::test::kLoraRelativeTolerance;
+using ::ds::test::LoraGoldenCases;
+using ::ds::test::LoraGoldenDir;
+using ::ds::test::SwapHalves;
 using ::ds::test::TempDir;
 
 namespace fs = std::filesystem;
@@ -141,6 +159,348 @@ TEST(CliTest, InspectAndConvertSingleFiles) {
   Result bad = RunCli("inspect " + tmp.File("absent.safetensors") + " --threads 1");
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_THAT(bad.out, HasSubstr("NOT_FOUND"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// lora inspect / convert over every golden LoRA case (../shared/golden/README.md "lora/").
+
+TensorMap ReadTensors(const fs::path& path) {
+  auto tensors = LoadSafetensorsWeights(path.string());
+  EXPECT_TRUE(tensors.ok()) << path << ": " << tensors.status();
+  return tensors.ok() ? *tensors : TensorMap{};
+}
+
+nlohmann::json ReadJson(const fs::path& path) {
+  auto json = ReadJsonFile(path.string());
+  EXPECT_TRUE(json.ok()) << path << ": " << json.status();
+  return json.ok() ? *json : nlohmann::json::object();
+}
+
+// One module of a diffusers/PEFT LoRA state dict.
+struct PeftModule {
+  torch::Tensor down;  // lora_A.weight
+  torch::Tensor up;    // lora_B.weight
+  torch::Tensor bias;  // lora_B.bias (optional)
+};
+
+// Splits a diffusers/PEFT state dict into LoRA modules and whole parameters (replacements),
+// stripping `prefix` where a key has it.
+void SplitPeft(const TensorMap& state_dict, const std::string& prefix,
+               std::map<std::string, PeftModule>* modules,
+               std::map<std::string, torch::Tensor>* params) {
+  for (const auto& [key, tensor] : state_dict) {
+    const std::string name = absl::StartsWith(key, prefix) ? key.substr(prefix.size()) : key;
+    auto module = [&](const char* suffix) -> PeftModule& {
+      return (*modules)[name.substr(0, name.size() - std::strlen(suffix))];
+    };
+    if (absl::EndsWith(name, ".lora_A.weight")) {
+      module(".lora_A.weight").down = tensor;
+    } else if (absl::EndsWith(name, ".lora_B.weight")) {
+      module(".lora_B.weight").up = tensor;
+    } else if (absl::EndsWith(name, ".lora_B.bias")) {
+      module(".lora_B.bias").bias = tensor;
+    } else {
+      (*params)[name] = tensor;
+    }
+  }
+}
+
+// The golden effect of one module: the change of its weight (and bias).
+struct GoldenDelta {
+  torch::Tensor weight;
+  torch::Tensor bias;
+};
+
+// alpha / r of the kohya module `bfl_name` ("final_layer.linear") in `input`, in any kohya spelling
+// (sd-scripts' '_' or ComfyUI's '.' separators); 1 without an alpha.
+double KohyaScale(const TensorMap& input, const std::string& bfl_name) {
+  const std::string flat = absl::StrReplaceAll(bfl_name, {{".", "_"}});
+  double alpha = -1;
+  int64_t rank = 0;
+  for (const auto& [key, tensor] : input) {
+    const std::string k = absl::StrReplaceAll(key, {{".", "_"}});
+    if (absl::EndsWith(k, "_" + flat + "_alpha")) alpha = tensor.item<double>();
+    if (absl::EndsWith(k, "_" + flat + "_lora_down_weight")) rank = tensor.size(0);
+  }
+  EXPECT_GT(rank, 0) << "no lora_down for " << bfl_name;
+  return alpha < 0 || rank == 0 ? 1.0 : alpha / static_cast<double>(rank);
+}
+
+// What the LoRA of case `dir` must do to the base model `base`, as the golden README states it:
+// merged.safetensors - base for every module diffusers applies, corrected where diffusers is
+// deliberately not followed, and diffusers' converted tensors for the modules its loader drops.
+// `replaced` receives the parameters the LoRA replaces as a whole.
+std::map<std::string, GoldenDelta> GoldenDeltas(const fs::path& dir, const TensorMap& base,
+                                                std::map<std::string, torch::Tensor>* replaced) {
+  const nlohmann::json expected = ReadJson(dir / "expected.json");
+  const TensorMap input = ReadTensors(dir / "input.safetensors");
+  const TensorMap merged = ReadTensors(dir / "merged.safetensors");
+  std::map<std::string, PeftModule> converted;
+  std::map<std::string, torch::Tensor> converted_params;
+  SplitPeft(ReadTensors(dir / "converted.safetensors"), "transformer.", &converted,
+            &converted_params);
+
+  std::set<std::string> whole;  // parameters the LoRA replaces (norm scales)
+  for (const auto& p : expected["norm_keys_loaded"]) whole.insert(p.get<std::string>());
+
+  std::map<std::string, GoldenDelta> deltas;
+  for (const auto& [param, value] : merged) {
+    if (whole.count(param) > 0) {
+      (*replaced)[param] = value;
+      continue;
+    }
+    auto it = base.find(param);
+    if (it == base.end()) {
+      ADD_FAILURE() << param << " is in merged.safetensors but not in the base model";
+      continue;
+    }
+    torch::Tensor w = F64(it->second);
+    if (w.dim() == 2 && value.size(1) > w.size(1)) {  // a widened input: zero columns
+      w = torch::cat({w, torch::zeros({w.size(0), value.size(1) - w.size(1)}, w.options())}, 1);
+    }
+    const std::size_t dot = param.rfind('.');
+    GoldenDelta& d = deltas[param.substr(0, dot)];
+    (param.substr(dot + 1) == "weight" ? d.weight : d.bias) = F64(value) - w;
+  }
+
+  // Deliberate difference 2: where the semantic check finds diffusers' fused weight wrong (the BFL
+  // final adaLN, whose lora_A diffusers half-swaps as well), the right delta is diffusers' lora_B
+  // with the source lora_A, i.e. lora_A swapped back.
+  const nlohmann::json semantic =
+      expected["semantic_check"].value("max_abs_diff", nlohmann::json::object());
+  for (auto& [module, d] : deltas) {
+    const double error = semantic.value(module, 0.0);
+    if (!d.weight.defined() ||
+        error <= kLoraRelativeTolerance * d.weight.abs().max().item<double>()) {
+      continue;
+    }
+    EXPECT_EQ(module, "norm_out.linear") << "the golden README documents no other fix";
+    auto c = converted.find(module);
+    if (c == converted.end() || !expected["per_module"].contains(module)) {
+      ADD_FAILURE() << module << ": no diffusers conversion to correct";
+      continue;
+    }
+    const double scaling = expected["per_module"][module]["scaling"].get<double>();
+    const torch::Tensor right = F64(c->second.up).matmul(SwapHalves(F64(c->second.down))) * scaling;
+    EXPECT_FALSE(Close(d.weight, right)) << module << ": diffusers was expected to differ here";
+    d.weight = right;
+  }
+
+  // Deliberate differences 1 and 3: kohya modules diffusers converts without the "transformer."
+  // prefix (so its loader drops them) are applied; their converted tensors carry the kohya alpha
+  // except on the two final-layer modules, whose alpha diffusers ignores.
+  const std::map<std::string, std::string> final_layer = {
+      {"proj_out", "final_layer.linear"}, {"norm_out.linear", "final_layer.adaLN_modulation.1"}};
+  for (const auto& m :
+       expected["semantic_check"].value("not_applied_by_diffusers", nlohmann::json::array())) {
+    const std::string module = m.get<std::string>();
+    EXPECT_EQ(deltas.count(module), 0u) << module << " is dropped by diffusers yet merged";
+    auto it = converted.find(module);
+    if (it == converted.end()) {
+      ADD_FAILURE() << module << " is not in converted.safetensors";
+      continue;
+    }
+    auto fl = final_layer.find(module);
+    const double scale = fl == final_layer.end() ? 1.0 : KohyaScale(input, fl->second);
+    GoldenDelta& d = deltas[module];
+    d.weight = F64(it->second.up).matmul(F64(it->second.down)) * scale;
+    if (it->second.bias.defined()) d.bias = F64(it->second.bias) * scale;
+  }
+  return deltas;
+}
+
+std::string LoraModelDir() { return (LoraGoldenDir() / "base_model_dir").string(); }
+
+TEST(CliTest, LoraConvertWritesTheGoldenDeltasOfEveryCase) {
+  const std::vector<std::string> cases = LoraGoldenCases();
+  ASSERT_FALSE(cases.empty()) << "no LoRA cases under " << LoraGoldenDir();
+  const TensorMap base = ReadTensors(LoraGoldenDir() / "base_model.safetensors");
+  ASSERT_FALSE(base.empty());
+  const nlohmann::json config = ReadJson(fs::path(LoraModelDir()) / "transformer" / "config.json");
+  auto spec = ModelRegistry::Global().Find(config.value("_class_name", ""));
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const LoraHandler* lora_handler = (*spec)->lora;
+  ASSERT_NE(lora_handler, nullptr) << (*spec)->class_name << " wires no LoRA handler";
+  TempDir tmp;
+  for (const std::string& name : cases) {
+    SCOPED_TRACE(name);
+    const fs::path dir = LoraGoldenDir() / name;
+    const std::string input = (dir / "input.safetensors").string();
+    const std::string out = tmp.File(name + ".safetensors");
+    const std::string args =
+        "lora convert " + input + " --model " + LoraModelDir() + " -o " + out + " --threads 1";
+    Result r = RunCli(args);
+    if (r.exit_code != 0) {
+      // Keys that do not apply to the model: strict loading lists them, partial loading the rest.
+      EXPECT_THAT(r.out, HasSubstr("unmatched"));
+      r = RunCli(args + " --allow-partial");
+    }
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    EXPECT_THAT(r.out, HasSubstr("wrote " + out));
+
+    auto file = SafetensorsFile::Open(out);
+    ASSERT_TRUE(file.ok()) << file.status();
+    EXPECT_EQ((*file)->metadata().count("converted_from"), 1u);
+    auto written = (*file)->GetAll();
+    ASSERT_TRUE(written.ok()) << written.status();
+    for (const auto& [key, t] : *written) EXPECT_TRUE(absl::StartsWith(key, "transformer.")) << key;
+    std::map<std::string, PeftModule> ours;
+    std::map<std::string, torch::Tensor> ours_params;
+    SplitPeft(*written, "transformer.", &ours, &ours_params);
+
+    std::map<std::string, torch::Tensor> replaced;
+    const std::map<std::string, GoldenDelta> golden = GoldenDeltas(dir, base, &replaced);
+    std::set<std::string> ours_names, golden_names;
+    for (const auto& [m, p] : ours) ours_names.insert(m);
+    for (const auto& [m, d] : golden) golden_names.insert(m);
+    EXPECT_EQ(ours_names, golden_names);
+
+    // The written file means lora_alpha = r (scale 1): its delta is B·A, its bias delta
+    // lora_B.bias.
+    for (const auto& [module, d] : golden) {
+      SCOPED_TRACE(module);
+      auto it = ours.find(module);
+      if (it == ours.end()) continue;
+      const PeftModule& p = it->second;
+      ASSERT_TRUE(p.down.defined() && p.up.defined());
+      EXPECT_TRUE(Close(F64(p.up).matmul(F64(p.down)), d.weight));
+      EXPECT_EQ(p.bias.defined(), d.bias.defined());
+      if (p.bias.defined() && d.bias.defined()) {
+        EXPECT_TRUE(Close(p.bias, d.bias));
+      }
+    }
+    std::set<std::string> ours_replaced, golden_replaced;
+    for (const auto& [param, t] : ours_params) ours_replaced.insert(param);
+    for (const auto& [param, t] : replaced) golden_replaced.insert(param);
+    EXPECT_EQ(ours_replaced, golden_replaced);
+    for (const auto& [param, value] : replaced) {
+      if (ours_params.count(param) > 0) {
+        EXPECT_TRUE(Close(ours_params.at(param), value)) << param;
+      }
+    }
+
+    // The written file reads back, with the handler of the model's spec, as a diffusers LoRA with
+    // scale 1 everywhere and nothing left over.
+    auto again = ConvertLoraFile(out, *lora_handler);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->format, kDiffusersLoraFormat);
+    EXPECT_TRUE(again->unused.empty());
+    EXPECT_EQ(again->modules.size(), golden.size());
+    for (const LoraModule& m : again->modules) EXPECT_EQ(m.scale, 1.0) << m.module;
+  }
+}
+
+TEST(CliTest, LoraInspectReportsTheDetectedFormatOfEveryCase) {
+  const std::vector<std::string> cases = LoraGoldenCases();
+  ASSERT_FALSE(cases.empty()) << "no LoRA cases under " << LoraGoldenDir();
+  for (const std::string& name : cases) {
+    SCOPED_TRACE(name);
+    const fs::path dir = LoraGoldenDir() / name;
+    const nlohmann::json expected = ReadJson(dir / "expected.json");
+    const std::string format = ExpectedLoraFormat(expected);
+    const std::string input = (dir / "input.safetensors").string();
+    Result r = RunCli("lora inspect " + input + " --model " + LoraModelDir() +
+                      " --allow-partial --json --threads 1");
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    const nlohmann::json report = nlohmann::json::parse(r.out, nullptr, false);
+    ASSERT_FALSE(report.is_discarded()) << r.out;
+    EXPECT_EQ(report["format"], format);
+    EXPECT_EQ(report["path"], input);
+    EXPECT_FALSE(report["modules"].empty());
+    EXPECT_EQ(report["expanded_modules"], expected["expanded_modules"]);
+    EXPECT_TRUE(report["unmatched"].empty()) << report["unmatched"];
+
+    if (name == cases.front()) {  // the human-readable report (one case: each run loads LibTorch)
+      Result text = RunCli("lora inspect " + input + " --model " + LoraModelDir() + " --threads 1");
+      ASSERT_EQ(text.exit_code, 0) << text.out;
+      EXPECT_THAT(text.out, HasSubstr("format " + format + ": "));
+    }
+  }
+}
+
+TEST(CliTest, LoraErrorsAndPartialLoading) {
+  const std::string model = LoraModelDir();
+  TempDir tmp;
+
+  // Not a LoRA: the base model's own weights. Unknown format; the message shows sample keys as
+  // they appear in the file, and convert writes nothing.
+  const std::string weights = (LoraGoldenDir() / "base_model.safetensors").string();
+  const TensorMap base = ReadTensors(weights);
+  ASSERT_FALSE(base.empty());
+  Result unknown = RunCli("lora inspect " + weights + " --model " + model + " --threads 1");
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.out, HasSubstr("INVALID_ARGUMENT"));
+  EXPECT_THAT(unknown.out, HasSubstr("unknown LoRA format"));
+  EXPECT_THAT(unknown.out, HasSubstr("sample keys"));
+  EXPECT_TRUE(std::any_of(base.begin(), base.end(), [&](const auto& kv) {
+    return unknown.out.find("'" + kv.first + "'") != std::string::npos;
+  })) << unknown.out;
+  const std::string not_written = tmp.File("not_written.safetensors");
+  Result unknown_convert =
+      RunCli("lora convert " + weights + " --model " + model + " -o " + not_written);
+  EXPECT_EQ(unknown_convert.exit_code, 1);
+  EXPECT_THAT(unknown_convert.out, HasSubstr("unknown LoRA format"));
+  EXPECT_FALSE(fs::exists(not_written));
+
+  // One module the model has and one it lacks (a block index past the model's blocks).
+  const std::string present = "transformer_blocks.0.attn.to_q";
+  ASSERT_EQ(base.count(present + ".weight"), 1u);
+  int missing_block = 0;
+  while (base.count("transformer_blocks." + std::to_string(missing_block) + ".attn.to_q.weight")) {
+    ++missing_block;
+  }
+  const std::string absent = "transformer_blocks." + std::to_string(missing_block) + ".attn.to_q";
+  const torch::Tensor w = base.at(present + ".weight");
+  const int64_t rank = 2;
+  const std::string partial = tmp.File("partial.safetensors");
+  ASSERT_TRUE(
+      WriteSafetensors(
+          partial,
+          TensorMap{{"transformer." + present + ".lora_A.weight", torch::randn({rank, w.size(1)})},
+                    {"transformer." + present + ".lora_B.weight", torch::randn({w.size(0), rank})},
+                    {"transformer." + absent + ".lora_A.weight", torch::randn({rank, w.size(1)})},
+                    {"transformer." + absent + ".lora_B.weight", torch::randn({w.size(0), rank})}})
+          .ok());
+  Result strict = RunCli("lora inspect " + partial + " --model " + model + " --threads 1");
+  EXPECT_EQ(strict.exit_code, 1);
+  EXPECT_THAT(strict.out, HasSubstr("INVALID_ARGUMENT"));
+  EXPECT_THAT(strict.out, HasSubstr(absent));
+  for (const std::string flag : {"--allow-partial", "--allow_partial"}) {
+    Result r = RunCli("lora inspect " + partial + " --model " + model + " " + flag +
+                      " --json --threads 1");
+    ASSERT_EQ(r.exit_code, 0) << flag << ": " << r.out;
+    const nlohmann::json report = nlohmann::json::parse(r.out, nullptr, false);
+    ASSERT_FALSE(report.is_discarded()) << r.out;
+    ASSERT_EQ(report["modules"].size(), 1u);
+    EXPECT_EQ(report["modules"][0]["module"], present);
+    EXPECT_EQ(report["unmatched"].count(absent), 1u) << report["unmatched"];
+  }
+  const std::string converted = tmp.File("converted.safetensors");
+  Result c = RunCli("lora convert " + partial + " --model " + model +
+                    " --allow-partial --output=" + converted + " --threads 1");
+  ASSERT_EQ(c.exit_code, 0) << c.out;
+  auto file = SafetensorsFile::Open(converted);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_THAT((*file)->names(),
+              ::testing::UnorderedElementsAre("transformer." + present + ".lora_A.weight",
+                                              "transformer." + present + ".lora_B.weight"));
+
+  // Usage errors.
+  Result no_model = RunCli("lora inspect " + partial + " --threads 1");
+  EXPECT_EQ(no_model.exit_code, 1);
+  EXPECT_THAT(no_model.out, HasSubstr("--model"));
+  Result no_output = RunCli("lora convert " + partial + " --model " + model + " --threads 1");
+  EXPECT_EQ(no_output.exit_code, 1);
+  EXPECT_THAT(no_output.out, HasSubstr("-o"));
+  Result absent_file =
+      RunCli("lora inspect " + tmp.File("absent.safetensors") + " --model " + model);
+  EXPECT_EQ(absent_file.exit_code, 1);
+  EXPECT_THAT(absent_file.out, HasSubstr("NOT_FOUND"));
+  Result not_a_model = RunCli("lora inspect " + partial + " --model " + tmp.path());
+  EXPECT_EQ(not_a_model.exit_code, 1);
+  EXPECT_THAT(not_a_model.out, HasSubstr("NOT_FOUND"));
+  EXPECT_EQ(RunCli("lora").exit_code, 2);
+  EXPECT_EQ(RunCli("lora merge " + partial).exit_code, 2);
 }
 
 }  // namespace

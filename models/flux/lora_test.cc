@@ -22,51 +22,30 @@
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
 #include "models/flux/spec.h"
+#include "testing/lora_golden.h"
 #include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
 
-using ::ds::test::GoldenDir;
-using ::ds::test::TempDir;
+using ::ds::test::Close;
+using ::ds::test::ExpectedLoraFormat;
+using ::ds::test::F64;
+using ::ds::test::kLoraRelativeTolerance;
+using ::ds::test::LoraGoldenCases;
+using ::ds::test::LoraGoldenDir;
+using ::ds::test::SwapHalves;
 
 namespace fs = std::filesystem;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-constexpr double kRelativeTolerance = 1e-5;  // golden README: LoRA conversion
 
 torch::Tensor Rand(std::vector<int64_t> shape, uint64_t seed) {
   torch::manual_seed(seed);
   return torch::randn(shape);
 }
 
-torch::Tensor F64(const torch::Tensor& t) { return t.to(torch::kFloat64); }
-
 torch::Tensor Delta(const LoraModule& m) { return F64(m.up).matmul(F64(m.down)) * m.scale; }
-
-torch::Tensor SwapHalves(const torch::Tensor& t) {
-  const int64_t h = t.size(0) / 2;
-  return torch::cat({t.narrow(0, h, h), t.narrow(0, 0, h)}, 0);
-}
-
-// max|ours - ref| <= rel * max|ref|.
-::testing::AssertionResult Close(const torch::Tensor& ours, const torch::Tensor& ref,
-                                 double rel = kRelativeTolerance) {
-  if (!ours.defined() || !ref.defined()) {
-    return ::testing::AssertionFailure()
-           << "undefined tensor (ours " << ours.defined() << ", reference " << ref.defined() << ")";
-  }
-  if (ours.sizes() != ref.sizes()) {
-    return ::testing::AssertionFailure() << "shape " << ours.sizes() << " vs " << ref.sizes();
-  }
-  if (ours.numel() == 0) return ::testing::AssertionSuccess();
-  const double diff = (F64(ours) - F64(ref)).abs().max().item<double>();
-  const double scale = F64(ref).abs().max().item<double>();
-  if (diff <= rel * scale) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "max|ours - reference| = " << diff << " > " << rel
-                                       << " x max|reference| = " << rel * scale;
-}
 
 absl::StatusOr<ConvertedLora> Convert(const TensorMap& t) {
   return ConvertLora(t, {}, FluxLoraHandler());
@@ -397,41 +376,6 @@ TEST(FluxLoraTest, KeysThatAreNotAppliedAreReportedWithReasons) {
 // ---------------------------------------------------------------------------------------------
 // Golden cases.
 
-fs::path LoraDir() { return fs::path(GoldenDir()) / "lora"; }
-
-std::vector<std::string> DiscoverCases() {
-  std::vector<std::string> cases;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(LoraDir(), ec)) {
-    if (entry.is_directory() && fs::exists(entry.path() / "input.safetensors") &&
-        fs::exists(entry.path() / "expected.json")) {
-      cases.push_back(entry.path().filename().string());
-    }
-  }
-  std::sort(cases.begin(), cases.end());
-  return cases;
-}
-
-// Our format name for the diffusers code path expected.json records.
-std::string ExpectedFormat(const nlohmann::json& expected) {
-  const std::string sub = expected.value("kohya_sub_branch", nlohmann::json()).is_string()
-                              ? expected["kohya_sub_branch"].get<std::string>()
-                              : "";
-  for (const auto& called : expected["converter_called"]) {
-    const std::string fn = called.get<std::string>();
-    if (fn == "_convert_kohya_flux_lora_to_diffusers") {
-      // diffusers sends a "transformer."-prefixed PEFT dict spelled lora_down/lora_up through its
-      // kohya converter only to rename the suffixes: that is native naming.
-      return absl::StartsWith(sub, "peft_state_dict") ? kDiffusersLoraFormat : "kohya";
-    }
-    if (fn == "_convert_xlabs_flux_lora_to_diffusers") return "xlabs";
-    if (fn == "_convert_bfl_flux_control_lora_to_diffusers") return "bfl";
-    if (fn == "_convert_fal_kontext_lora_to_diffusers") return "kontext";
-    return "unrecognised converter " + fn;
-  }
-  return kDiffusersLoraFormat;
-}
-
 // One module of diffusers' converted state dict.
 struct DiffusersModule {
   torch::Tensor down, up, bias;
@@ -451,23 +395,23 @@ std::string StripTransformer(const std::string& key) {
 class FluxLoraGoldenTest : public ::testing::TestWithParam<std::string> {};
 
 TEST(FluxLoraGoldenDiscoveryTest, FindsCases) {
-  EXPECT_FALSE(DiscoverCases().empty()) << "no LoRA cases under " << LoraDir();
+  EXPECT_FALSE(LoraGoldenCases().empty()) << "no LoRA cases under " << LoraGoldenDir();
 }
 
 TEST_P(FluxLoraGoldenTest, ConvertsLikeDiffusersOrAsTheFormatMeans) {
-  const fs::path dir = LoraDir() / GetParam();
+  const fs::path dir = LoraGoldenDir() / GetParam();
   auto expected_or = ReadJsonFile((dir / "expected.json").string());
   ASSERT_TRUE(expected_or.ok()) << expected_or.status();
   const nlohmann::json& expected = *expected_or;
   auto input = LoadSafetensorsWeights((dir / "input.safetensors").string());
   auto converted = LoadSafetensorsWeights((dir / "converted.safetensors").string());
   auto merged = LoadSafetensorsWeights((dir / "merged.safetensors").string());
-  auto base = LoadSafetensorsWeights((LoraDir() / "base_model.safetensors").string());
+  auto base = LoadSafetensorsWeights((LoraGoldenDir() / "base_model.safetensors").string());
   ASSERT_TRUE(input.ok() && converted.ok() && merged.ok() && base.ok());
 
   auto lora = ConvertLoraFile((dir / "input.safetensors").string(), FluxLoraHandler());
   ASSERT_TRUE(lora.ok()) << lora.status();
-  EXPECT_EQ(lora->format, ExpectedFormat(expected));
+  EXPECT_EQ(lora->format, ExpectedLoraFormat(expected));
 
   // Against the model the LoRA was made for: everything matches; anything unused must be listed
   // and is an error unless partial loading is allowed.
@@ -561,7 +505,7 @@ TEST_P(FluxLoraGoldenTest, ConvertsLikeDiffusersOrAsTheFormatMeans) {
     }
     const torch::Tensor theirs_delta = F64(d.up).matmul(F64(d.down)) * their_scale;
     const double semantic_error = semantic.value(m.module, 0.0);
-    if (semantic_error > kRelativeTolerance * F64(ours).abs().max().item<double>()) {
+    if (semantic_error > kLoraRelativeTolerance * F64(ours).abs().max().item<double>()) {
       // Deliberate difference 2: diffusers' BFL path swaps the (shift, scale) halves of lora_A as
       // well as lora_B for the final adaLN. The correct delta is the source delta with its output
       // halves swapped, which is what swapping lora_B alone gives.
@@ -647,7 +591,7 @@ TEST_P(FluxLoraGoldenTest, ConvertsLikeDiffusersOrAsTheFormatMeans) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, FluxLoraGoldenTest, ::testing::ValuesIn(DiscoverCases()),
+INSTANTIATE_TEST_SUITE_P(Golden, FluxLoraGoldenTest, ::testing::ValuesIn(LoraGoldenCases()),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return ::ds::test::CaseTestName(info.param);
                          });

@@ -11,7 +11,13 @@
 //                                                and config from its header (no weights are read)
 //   diffusion-cli convert FILE OUT_DIR [--config JSON]
 //                                                write a single file as a diffusers-format folder
+//   diffusion-cli lora inspect FILE --model DIR [--allow-partial] [--json]
+//                                                detect a LoRA's format, convert it and check it
+//                                                against the model's parameter shapes
+//   diffusion-cli lora convert FILE --model DIR -o OUT.safetensors [--allow-partial]
+//                                                write it in diffusers/PEFT naming
 //   every command: --threads N (LibTorch intra-op threads; default: all cores)
+//   flag names may be spelled with '-' or '_' (--allow-partial = --allow_partial); -o is --output
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -20,11 +26,16 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/commandlineflag.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "handlers/lora_format.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/single_file.h"
@@ -34,9 +45,12 @@
 
 ABSL_FLAG(bool, verbose, false, "describe: add each row's description and docs link");
 ABSL_FLAG(bool, list, false, "describe: list the registered models");
-ABSL_FLAG(std::string, model, "", "forward: diffusers-format model folder (config.json + weights)");
+ABSL_FLAG(std::string, model, "",
+          "forward, lora: diffusers-format model folder (config.json + weights)");
 ABSL_FLAG(std::string, inputs, "", "forward: safetensors file with the named forward inputs");
-ABSL_FLAG(std::string, output, "", "forward: safetensors file to write (tensor 'output')");
+ABSL_FLAG(std::string, output, "",
+          "forward: safetensors file to write (tensor 'output'); lora convert: the converted "
+          "LoRA (also -o)");
 ABSL_FLAG(int, repeat, 0, "forward: run N more timed forwards and print the median seconds");
 ABSL_FLAG(std::string, dtype, "float32",
           "forward: weight/compute dtype: float32, bfloat16, float16");
@@ -44,7 +58,10 @@ ABSL_FLAG(std::string, device, "cpu", "forward: device: cpu or cuda[:N]");
 ABSL_FLAG(std::string, config, "",
           "inspect/convert/forward of a single file: config fields overriding the derived ones, as "
           "inline JSON ('{\"axes_dims_rope\": [16, 56, 56]}') or a JSON file path");
-ABSL_FLAG(bool, json, false, "inspect: print the report as JSON");
+ABSL_FLAG(bool, json, false, "inspect, lora inspect: print the report as JSON");
+ABSL_FLAG(bool, allow_partial, false,
+          "lora: drop LoRA keys and targets the model lacks (listed in the report as unmatched) "
+          "instead of failing");
 ABSL_FLAG(bool, validate, false, "forward of a single file: reject NaN/Inf weights");
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = number of cores)");
 
@@ -60,7 +77,9 @@ constexpr char kUsage[] =
     "      (--model may also be a single .safetensors checkpoint; see inspect)\n"
     "  diffusion-cli inspect FILE [--config JSON] [--json]\n"
     "  diffusion-cli convert FILE OUT_DIR [--config JSON]\n"
-    "  (all commands accept --threads N)";
+    "  diffusion-cli lora inspect FILE --model DIR [--allow-partial] [--json]\n"
+    "  diffusion-cli lora convert FILE --model DIR -o OUT.safetensors [--allow-partial]\n"
+    "  (all commands accept --threads N; flag names take '-' or '_')";
 
 absl::Status Describe(const std::vector<char*>& args) {
   const auto& registry = ModelRegistry::Global();
@@ -182,15 +201,129 @@ absl::Status Forward() {
   return absl::OkStatus();
 }
 
+// The model a LoRA is checked against: its spec (whose wired LoRA handler converts the file) and
+// its parameter shapes. Only config.json matters: the model is built from it with uninitialized
+// parameters (their memory is never touched) and no weight data is read.
+struct LoraTarget {
+  const ModelSpec* spec = nullptr;
+  KeyShapes params;
+};
+
+absl::StatusOr<LoraTarget> LoraTargetFromFlags(const std::string& command) {
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  if (dir.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        command, " needs --model DIR (the diffusers-format model folder the LoRA is for)"));
+  }
+  ASSIGN_OR_RETURN(ModelFolder folder, OpenModelFolder(dir));
+  const std::string config_path = absl::StrCat(folder.dir, "/config.json");
+  auto name = folder.config.find("_class_name");
+  if (name == folder.config.end() || !name->is_string()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(config_path, ": no \"_class_name\" string naming the model class"));
+  }
+  LoraTarget target;
+  ASSIGN_OR_RETURN(target.spec, ModelRegistry::Global().Find(name->get<std::string>()));
+  if (target.spec->lora == nullptr) {
+    return absl::UnimplementedError(absl::StrCat(target.spec->class_name, " (", config_path,
+                                                 ") has no LoRA handler wired in its spec"));
+  }
+  ModelOptions options;
+  options.uninitialized_parameters = true;
+  options.dtype = torch::kBFloat16;  // shapes do not depend on it; halves the reserved memory
+  auto model = target.spec->factory(folder.config, options);
+  if (!model.ok()) return Annotate(model.status(), config_path);
+  target.params = ParameterShapes(NamedTensors((*model)->module()));
+  return target;
+}
+
+absl::StatusOr<LoadedLora> LoadLoraFromFlags(const std::string& command, const std::string& path) {
+  ASSIGN_OR_RETURN(LoraTarget target, LoraTargetFromFlags(command));
+  LoraLoadOptions options;
+  options.allow_partial = absl::GetFlag(FLAGS_allow_partial);
+  return LoadLora(path, *target.spec->lora, target.params, options);
+}
+
+// args: diffusion-cli lora inspect|convert FILE
+absl::Status Lora(const std::vector<char*>& args) {
+  const std::string sub = args[2];
+  const std::string command = absl::StrCat("lora ", sub);
+  if (args.size() != 4) return absl::InvalidArgumentError(absl::StrCat(command, " takes one file"));
+  const std::string path = args[3];
+  if (sub == "inspect") {
+    ASSIGN_OR_RETURN(LoadedLora loaded, LoadLoraFromFlags(command, path));
+    if (absl::GetFlag(FLAGS_json)) {
+      std::cout << loaded.report.ToJson().dump(2) << "\n";
+    } else {
+      std::cout << loaded.report.ToString();
+    }
+    return absl::OkStatus();
+  }
+  // convert
+  const std::string out = absl::GetFlag(FLAGS_output);
+  if (out.empty()) return absl::InvalidArgumentError("lora convert needs -o OUT.safetensors");
+  ASSIGN_OR_RETURN(LoadedLora loaded, LoadLoraFromFlags(command, path));
+  // diffusers' pipelines name the Flux denoiser component "transformer".
+  ASSIGN_OR_RETURN(TensorMap state_dict, loaded.lora.ToDiffusersStateDict("transformer."));
+  RETURN_IF_ERROR(WriteSafetensors(
+      out, state_dict,
+      {{"format", "pt"}, {"converted_from", path}, {"source_format", loaded.report.format}}));
+  std::cout << loaded.report.ToString() << "wrote " << out << ": " << state_dict.size()
+            << " tensors in diffusers/PEFT naming, each module's scale folded into lora_B "
+               "(load with lora_alpha = r)\n";
+  return absl::OkStatus();
+}
+
+// Flag spellings Abseil does not accept, rewritten before parsing: '-' inside a flag name
+// (--allow-partial for --allow_partial; only where that names a defined flag) and the short -o
+// for --output. A value given as the next argument of a non-boolean flag and everything after a
+// bare "--" are left as they are.
+std::vector<std::string> NormalizeFlagSpellings(int argc, char** argv) {
+  std::vector<std::string> out;
+  bool value_next = false;  // the previous argument was a non-boolean flag without "=value"
+  bool flags_done = false;
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    const bool is_value = value_next;
+    value_next = false;
+    if (i == 0 || is_value || flags_done || arg.size() < 2 || arg[0] != '-') {
+      out.push_back(std::move(arg));
+      continue;
+    }
+    if (arg == "--") {
+      flags_done = true;
+      out.push_back(std::move(arg));
+      continue;
+    }
+    if (arg == "-o" || absl::StartsWith(arg, "-o=")) arg = "--output" + arg.substr(2);
+    const std::size_t dashes = arg[1] == '-' ? 2 : 1;
+    const std::size_t eq = arg.find('=');
+    const std::string name = arg.substr(dashes, eq == std::string::npos ? eq : eq - dashes);
+    const std::string underscored = absl::StrReplaceAll(name, {{"-", "_"}});
+    const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(underscored);
+    if (flag != nullptr && underscored != name) {
+      arg = absl::StrCat(arg.substr(0, dashes), underscored,
+                         eq == std::string::npos ? std::string() : arg.substr(eq));
+    }
+    value_next = flag != nullptr && eq == std::string::npos && !flag->IsOfType<bool>();
+    out.push_back(std::move(arg));
+  }
+  return out;
+}
+
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  std::vector<std::string> spelled = NormalizeFlagSpellings(argc, argv);
+  std::vector<char*> spelled_argv;
+  for (std::string& a : spelled) spelled_argv.push_back(a.data());
+  std::vector<char*> args =
+      absl::ParseCommandLine(static_cast<int>(spelled_argv.size()), spelled_argv.data());
   SetIntraOpThreads(absl::GetFlag(FLAGS_threads));
   if (args.size() < 2) {
     std::cerr << kUsage << "\n";
     return 2;
   }
-  const std::string command = args[1];
+  std::string command = args[1];
   absl::Status status;
   if (command == "describe") {
     status = Describe(args);
@@ -198,6 +331,14 @@ int Main(int argc, char** argv) {
     status = Inspect(args);
   } else if (command == "convert") {
     status = Convert(args);
+  } else if (command == "lora") {
+    if (args.size() < 3 ||
+        (std::string(args[2]) != "inspect" && std::string(args[2]) != "convert")) {
+      std::cerr << "lora takes a subcommand: inspect or convert\n" << kUsage << "\n";
+      return 2;
+    }
+    command = absl::StrCat("lora ", args[2]);
+    status = Lora(args);
   } else if (command == "forward") {
     if (args.size() != 2) {
       status = absl::InvalidArgumentError("forward takes no positional arguments");
