@@ -98,7 +98,7 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
   auto adapter = std::make_shared<LoraAdapter>();
   adapter->name = name;
   adapter->sha256 = loaded.lora.sha256;
-  adapter->path = path;
+  adapter->path = options.source.empty() ? path : options.source;
   adapter->format = loaded.lora.format;
   const ModelOptions& mo = model_->options();
   for (const LoraModule& m : loaded.lora.modules) {
@@ -286,7 +286,8 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Get(const std::string& name) const {
 absl::StatusOr<AdapterStackPtr> LoraHost::SnapshotLocked(
     const std::vector<AdapterRequest>& adapters, bool for_fuse) const {
   auto stack = std::make_shared<AdapterStack>();
-  std::map<std::string, std::string> overlay_owner;  // param -> adapter name
+  // param -> (adapter name, replacement)
+  std::map<std::string, std::pair<std::string, torch::Tensor>> overlay_owner;
   std::set<std::string> seen;
   for (const AdapterRequest& r : adapters) {
     auto it = store_.find(r.name);
@@ -315,11 +316,13 @@ absl::StatusOr<AdapterStackPtr> LoraHost::SnapshotLocked(
       }
     }
     for (const LoraOverlay& o : adapter->overlays) {
-      auto [owner, inserted] = overlay_owner.emplace(o.param, r.name);
-      if (!inserted) {
-        return absl::InvalidArgumentError(absl::StrCat("adapters '", owner->second, "' and '",
-                                                       r.name, "' both replace parameter ",
-                                                       o.param, "; use one of them"));
+      auto [owner, inserted] = overlay_owner.emplace(o.param, std::make_pair(r.name, o.value));
+      // Two adapters may replace a parameter with the same value (e.g. one file loaded twice).
+      if (!inserted && !(owner->second.second.sizes() == o.value.sizes() &&
+                         torch::equal(owner->second.second, o.value))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("adapters '", owner->second.first, "' and '", r.name,
+                         "' replace parameter ", o.param, " with different values; use one of them"));
       }
     }
     stack->adapters.push_back({adapter, r.weight});

@@ -98,6 +98,9 @@ struct AdapterLoadOptions {
   bool pin = false;            // never evict it
   // When non-empty, the detected format must be this one (INVALID_ARGUMENT otherwise).
   std::string format_hint;
+  // Recorded as the adapter's `path` instead of the file path when non-empty (e.g. "inline" for
+  // bytes a client sent, written to a temporary file that is removed after loading).
+  std::string source;
 };
 
 struct AdapterLoadResult {

@@ -390,6 +390,46 @@ TEST(CliTest, LoraConvertWritesTheGoldenDeltasOfEveryCase) {
   }
 }
 
+// forward --lora applies each golden LoRA unfused and reproduces intended_forward; two adapters
+// at half weight stack to the same output as one at full weight.
+TEST(CliTest, ForwardWithLoraReproducesIntendedForward) {
+  const std::vector<std::string> cases = LoraGoldenCases();
+  ASSERT_FALSE(cases.empty());
+  test::TempDir tmp;
+  for (const std::string& c : cases) {
+    SCOPED_TRACE(c);
+    const fs::path dir = LoraGoldenDir() / c;
+    TensorMap inputs = ReadTensors(dir / "forward.safetensors");
+    inputs.erase("output");
+    const std::string in = tmp.File(c + "_in.safetensors");
+    ASSERT_TRUE(WriteSafetensors(in, inputs).ok());
+    const torch::Tensor intended =
+        ReadTensors(dir / "intended_forward.safetensors").at("output").to(torch::kDouble);
+    const std::string lora = (dir / "input.safetensors").string();
+    const std::string out1 = tmp.File(c + "_1.safetensors"), out2 = tmp.File(c + "_2.safetensors");
+    Result one = RunCli("forward --model " + LoraModelDir() + " --inputs " + in + " --output " +
+                        out1 + " --lora " + lora);
+    ASSERT_EQ(one.exit_code, 0) << one.out;
+    EXPECT_THAT(one.out, HasSubstr("applied with weight 1"));
+    const torch::Tensor y1 = ReadTensors(out1).at("output").to(torch::kDouble);
+    const double scale = intended.abs().max().item<double>();
+    EXPECT_LE((y1 - intended).abs().max().item<double>(), 1e-5 * scale);
+    if (c != "diffusers") continue;  // stacking once is enough (a CLI run costs ~1 s)
+    Result two = RunCli("forward --model " + LoraModelDir() + " --inputs " + in + " --output " +
+                        out2 + " --lora " + lora + ":0.5 --lora=" + lora + ":0.5");
+    ASSERT_EQ(two.exit_code, 0) << two.out;
+    const torch::Tensor y2 = ReadTensors(out2).at("output").to(torch::kDouble);
+    EXPECT_LE((y2 - y1).abs().max().item<double>(), 1e-5 * scale);
+  }
+  // A LoRA that does not fit the model fails naming the problem.
+  Result bad = RunCli("forward --model " + LoraModelDir() + " --inputs " +
+                      tmp.File(cases.front() + "_in.safetensors") + " --output " +
+                      tmp.File("bad.safetensors") + " --lora " +
+                      (LoraGoldenDir() / "base_model.safetensors").string());
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.out, HasSubstr("unknown LoRA format"));
+}
+
 TEST(CliTest, LoraInspectReportsTheDetectedFormatOfEveryCase) {
   const std::vector<std::string> cases = LoraGoldenCases();
   ASSERT_FALSE(cases.empty()) << "no LoRA cases under " << LoraGoldenDir();

@@ -425,6 +425,34 @@ TEST_F(LoraHostTest, BadInputIsAPreciseErrorAndChangesNothing) {
   EXPECT_FALSE(partial->report.unmatched.empty());
 }
 
+TEST_F(LoraHostTest, StackedOverlaysMustAgree) {
+  const fs::path control = LoraGolden() / "bfl_control" / "input.safetensors";
+  if (!fs::exists(control)) GTEST_SKIP() << "no bfl_control fixture";
+  LoraHost host(model_, HandlerFor(*model_));
+  ASSERT_TRUE(host.Load("a", control.string()).ok());
+  ASSERT_TRUE(host.Load("same", control.string()).ok());
+  ASSERT_FALSE((*host.Get("a"))->overlays.empty());
+  // The same replacement twice is fine.
+  EXPECT_TRUE(host.Snapshot({{"a", 1.0}, {"same", 0.5}}).ok());
+  // A different replacement of the same parameter is a contradiction.
+  auto tensors = LoadSafetensorsWeights(control.string());
+  ASSERT_TRUE(tensors.ok());
+  std::string changed;
+  for (auto& [key, t] : *tensors) {
+    if (key.find("norm") != std::string::npos && t.dim() == 1) {
+      t = t * 2;
+      changed = key;
+    }
+  }
+  ASSERT_FALSE(changed.empty());
+  const std::string other = dir_.File("other_control.safetensors");
+  ASSERT_TRUE(WriteSafetensors(other, *tensors).ok());
+  ASSERT_TRUE(host.Load("b", other).ok());
+  auto conflict = host.Snapshot({{"a", 1.0}, {"b", 1.0}});
+  EXPECT_EQ(conflict.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(conflict.status().message()), HasSubstr("different values"));
+}
+
 TEST(LoraHostNoHandlerTest, ModelsWithoutLoraSayUnimplemented) {
   std::shared_ptr<DiffusionModel> model = LoadBase();
   ASSERT_NE(model, nullptr);

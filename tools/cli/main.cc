@@ -4,8 +4,9 @@
 //   diffusion-cli describe --list                list the registered models
 //   diffusion-cli forward --model DIR --inputs IN.safetensors --output OUT.safetensors
 //                         [--repeat N] [--dtype float32|bfloat16|float16] [--device cpu|cuda:0]
+//                         [--lora FILE[:WEIGHT]]...
 //                                                one forward pass of a diffusers-format model
-//                                                folder
+//                                                folder, with LoRA adapters applied unfused
 //   diffusion-cli inspect FILE [--config JSON] [--json]
 //                                                detect a single-file checkpoint's model, variant
 //                                                and config from its header (no weights are read)
@@ -32,10 +33,12 @@
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "handlers/lora_format.h"
+#include "handlers/lora_host.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/single_file.h"
@@ -63,6 +66,9 @@ ABSL_FLAG(bool, allow_partial, false,
           "lora: drop LoRA keys and targets the model lacks (listed in the report as unmatched) "
           "instead of failing");
 ABSL_FLAG(bool, validate, false, "forward of a single file: reject NaN/Inf weights");
+ABSL_FLAG(std::string, lora, "",
+          "forward: FILE[:WEIGHT], a LoRA applied unfused for the pass (weight default 1); "
+          "repeat the flag to stack adapters");
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = number of cores)");
 
 namespace ds {
@@ -73,8 +79,9 @@ constexpr char kUsage[] =
     "  diffusion-cli describe CLASS [--verbose]\n"
     "  diffusion-cli describe --list\n"
     "  diffusion-cli forward --model DIR --inputs IN.safetensors --output OUT.safetensors "
-    "[--repeat N] [--dtype D] [--device D]\n"
-    "      (--model may also be a single .safetensors checkpoint; see inspect)\n"
+    "[--repeat N] [--dtype D] [--device D] [--lora FILE[:WEIGHT]]...\n"
+    "      (--model may also be a single .safetensors checkpoint; see inspect; each --lora\n"
+    "      applies an adapter unfused, as a request would)\n"
     "  diffusion-cli inspect FILE [--config JSON] [--json]\n"
     "  diffusion-cli convert FILE OUT_DIR [--config JSON]\n"
     "  diffusion-cli lora inspect FILE --model DIR [--allow-partial] [--json]\n"
@@ -143,6 +150,24 @@ absl::Status Convert(const std::vector<char*>& args) {
   return absl::OkStatus();
 }
 
+// Every --lora value, in order (the flag is repeatable; see ExtractLoraFlags).
+std::vector<std::string>& LoraFlags() {
+  static std::vector<std::string> values;
+  return values;
+}
+
+// "FILE[:WEIGHT]" -> (file, weight). The suffix after the last ':' is a weight only if it parses
+// as a number, so paths with colons still work.
+std::pair<std::string, double> ParseLoraFlag(const std::string& value) {
+  const std::size_t colon = value.rfind(':');
+  double weight = 1.0;
+  if (colon != std::string::npos && colon + 1 < value.size() &&
+      absl::SimpleAtod(value.substr(colon + 1), &weight)) {
+    return {value.substr(0, colon), weight};
+  }
+  return {value, 1.0};
+}
+
 absl::Status Forward() {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   const std::string inputs_path = absl::GetFlag(FLAGS_inputs);
@@ -178,10 +203,26 @@ absl::Status Forward() {
     ASSIGN_OR_RETURN(inputs[name], file->Get(name));
   }
 
-  ASSIGN_OR_RETURN(torch::Tensor output, model->Forward(inputs));
+  // Adapters, applied unfused the way a request applies them.
+  ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find(model->class_name()));
+  LoraHost host(std::shared_ptr<DiffusionModel>(std::move(model)), spec->lora);
+  std::vector<AdapterRequest> stack;
+  for (const std::string& value : LoraFlags()) {
+    const auto [file, weight] = ParseLoraFlag(value);
+    const std::string name = absl::StrCat("lora", stack.size());
+    ASSIGN_OR_RETURN(AdapterLoadResult loaded,
+                     host.Load(name, file, {.allow_partial = absl::GetFlag(FLAGS_allow_partial)}));
+    std::cerr << loaded.report.ToString() << "  applied with weight " << weight << "\n";
+    stack.push_back({name, weight});
+  }
+  ASSIGN_OR_RETURN(AdapterStackPtr adapters, host.Snapshot(stack));
+  const DiffusionModel* m = &host.model();
+  auto run = [&] { return host.Forward(inputs, adapters.get()); };
+
+  ASSIGN_OR_RETURN(torch::Tensor output, run());
   RETURN_IF_ERROR(WriteSafetensors(output_path, {{"output", output}},
                                    {{"model", model_dir},
-                                    {"class_name", model->class_name()},
+                                    {"class_name", m->class_name()},
                                     {"dtype", absl::GetFlag(FLAGS_dtype)}}));
 
   const int repeat = absl::GetFlag(FLAGS_repeat);
@@ -189,7 +230,7 @@ absl::Status Forward() {
     std::vector<double> seconds;
     for (int i = 0; i < repeat; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
-      ASSIGN_OR_RETURN(torch::Tensor out, model->Forward(inputs));
+      ASSIGN_OR_RETURN(torch::Tensor out, run());
       if (out.is_cuda()) RETURN_IF_ERROR(TorchCallVoid("sync", [&] { out.cpu(); }));
       seconds.push_back(
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -311,9 +352,29 @@ std::vector<std::string> NormalizeFlagSpellings(int argc, char** argv) {
   return out;
 }
 
+// Takes every `--lora VALUE` / `--lora=VALUE` out of `args` into LoraFlags() (absl flags keep
+// only the last occurrence of a flag; --lora is repeatable).
+std::vector<std::string> ExtractLoraFlags(std::vector<std::string> args) {
+  std::vector<std::string> rest;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--") {
+      rest.insert(rest.end(), args.begin() + static_cast<std::ptrdiff_t>(i), args.end());
+      break;
+    }
+    if (absl::StartsWith(args[i], "--lora=")) {
+      LoraFlags().push_back(args[i].substr(7));
+    } else if (args[i] == "--lora" && i + 1 < args.size()) {
+      LoraFlags().push_back(args[++i]);
+    } else {
+      rest.push_back(args[i]);
+    }
+  }
+  return rest;
+}
+
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  std::vector<std::string> spelled = NormalizeFlagSpellings(argc, argv);
+  std::vector<std::string> spelled = ExtractLoraFlags(NormalizeFlagSpellings(argc, argv));
   std::vector<char*> spelled_argv;
   for (std::string& a : spelled) spelled_argv.push_back(a.data());
   std::vector<char*> args =
