@@ -8,6 +8,7 @@
 #include <cstring>
 #include <regex>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -16,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "handlers/digest.h"
 #include "handlers/status.h"
+#include "handlers/tensor_checks.h"
 
 namespace ds {
 namespace {
@@ -593,17 +595,56 @@ absl::StatusOr<ConvertedLora> ConvertLora(const TensorMap& tensors,
   return out;
 }
 
+namespace {
+
+// The SHA-256 of a mapped file, computed on its own thread while the caller converts and
+// validates (hashing is the slowest single step of a load: ~1.5 GB/s against ~5 GB/s reads).
+// Join() waits for it; the destructor joins too, so no exit path leaves the thread running.
+class BackgroundDigest {
+ public:
+  explicit BackgroundDigest(std::shared_ptr<const SafetensorsFile> file)
+      : file_(std::move(file)), thread_([this] {
+          const std::string_view bytes = file_->mapped_bytes();
+          digest_ = Sha256Hex(bytes.data(), bytes.size());
+        }) {}
+  ~BackgroundDigest() {
+    if (thread_.joinable()) thread_.join();
+  }
+  BackgroundDigest(const BackgroundDigest&) = delete;
+  BackgroundDigest& operator=(const BackgroundDigest&) = delete;
+  std::string Join() {
+    if (thread_.joinable()) thread_.join();
+    return digest_;
+  }
+
+ private:
+  std::shared_ptr<const SafetensorsFile> file_;
+  std::string digest_;
+  std::thread thread_;
+};
+
+// Converts an opened file (no digest; callers run BackgroundDigest alongside).
+absl::StatusOr<ConvertedLora> ConvertOpenedLora(const std::shared_ptr<const SafetensorsFile>& file,
+                                                const LoraHandler& handler,
+                                                Clock::time_point start) {
+  ASSIGN_OR_RETURN(TensorMap tensors, file->GetAll());
+  auto converted = ConvertLora(tensors, file->metadata(), handler);
+  if (!converted.ok()) return Annotate(converted.status(), LoraName(file->path()));
+  converted->path = file->path();
+  converted->file_bytes = static_cast<int64_t>(file->mapped_bytes().size());
+  converted->convert_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return converted;
+}
+
+}  // namespace
+
 absl::StatusOr<ConvertedLora> ConvertLoraFile(const std::string& path, const LoraHandler& handler) {
   const auto start = Clock::now();
   ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> file, SafetensorsFile::Open(path));
-  ASSIGN_OR_RETURN(TensorMap tensors, file->GetAll());
-  auto converted = ConvertLora(tensors, file->metadata(), handler);
-  if (!converted.ok()) return Annotate(converted.status(), LoraName(path));
-  converted->path = path;
-  const std::string_view bytes = file->mapped_bytes();
-  converted->file_bytes = static_cast<int64_t>(bytes.size());
-  converted->sha256 = Sha256Hex(bytes.data(), bytes.size());
-  converted->convert_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  BackgroundDigest digest(file);
+  ASSIGN_OR_RETURN(ConvertedLora converted, ConvertOpenedLora(file, handler, start));
+  converted.sha256 = digest.Join();
+  converted.convert_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return converted;
 }
 
@@ -661,8 +702,7 @@ absl::StatusOr<LoraReport> ValidateLora(const ConvertedLora& lora, const KeyShap
 
   auto finite = [&](const torch::Tensor& t, const std::string& what) -> absl::Status {
     if (!t.defined() || t.numel() == 0) return absl::OkStatus();
-    ASSIGN_OR_RETURN(bool ok, TorchCall(absl::StrCat("checking ", what),
-                                        [&] { return torch::isfinite(t).all().item<bool>(); }));
+    ASSIGN_OR_RETURN(bool ok, AllFinite(t));
     if (!ok) problems.push_back(absl::StrCat(what, " contains NaN or Inf values"));
     return absl::OkStatus();
   };
@@ -799,8 +839,12 @@ absl::StatusOr<LoadedLora> LoadLora(const std::string& path, const LoraHandler& 
                                     const KeyShapes& params, const LoraLoadOptions& options) {
   const auto start = Clock::now();
   LoadedLora out;
-  ASSIGN_OR_RETURN(out.lora, ConvertLoraFile(path, handler));
+  ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> file, SafetensorsFile::Open(path));
+  // The digest is computed while the file is converted and validated.
+  BackgroundDigest digest(file);
+  ASSIGN_OR_RETURN(out.lora, ConvertOpenedLora(file, handler, start));
   ASSIGN_OR_RETURN(out.report, ValidateLora(out.lora, params, options));
+  out.lora.sha256 = out.report.sha256 = digest.Join();
   std::set<std::string> matched;
   for (const LoraModuleReport& m : out.report.modules) matched.insert(m.module);
   std::set<std::string> replaced(out.report.overlays.begin(), out.report.overlays.end());

@@ -11,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
+#include "handlers/tensor_checks.h"
 
 namespace ds {
 namespace {
@@ -249,9 +250,7 @@ absl::StatusOr<LoadedSingleFile> LoadSingleFile(const std::string& path,
 
   if (options.validate_finite) {
     for (const auto& [key, t] : targets) {
-      ASSIGN_OR_RETURN(bool finite, TorchCall("isfinite", [&] {
-                         return !t.is_floating_point() || torch::isfinite(t).all().item<bool>();
-                       }));
+      ASSIGN_OR_RETURN(bool finite, AllFinite(t));
       if (!finite) {
         return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", SourcesOf(in, key),
                                                        "' (-> '", key, "') has NaN or Inf values"));
