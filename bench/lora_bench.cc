@@ -129,7 +129,7 @@ absl::StatusOr<std::shared_ptr<DiffusionModel>> BuildFlux(const nlohmann::json& 
                                                           const LoraHandler** handler) {
   ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find("flux"));
   ASSIGN_OR_RETURN(std::unique_ptr<DiffusionModel> model, spec->factory(config, options));
-  flux::InitRandomWeights(model->module(), 0);
+  InitRandomWeights(model->module(), 0);
   *handler = spec->lora;
   if (*handler == nullptr) return absl::UnimplementedError("flux wires no LoRA handler");
   return std::shared_ptr<DiffusionModel>(std::move(model));

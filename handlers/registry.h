@@ -24,7 +24,9 @@ struct ModelStructure {
 };
 
 // Builds a model from a diffusers config.json (missing keys take the model's defaults) with
-// randomly initialized weights. INVALID_ARGUMENT naming the field for a bad config.
+// placeholder weights (whatever its constructors create; not meaningful: load a state dict, or call
+// InitRandomWeights from state_dict.h for a demo/test model). INVALID_ARGUMENT naming the field
+// for a bad config.
 using ModelFactory = std::function<absl::StatusOr<std::unique_ptr<DiffusionModel>>(
     const nlohmann::json& config, const ModelOptions& options)>;
 

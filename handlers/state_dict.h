@@ -3,6 +3,7 @@
 
 #include <torch/nn/module.h>
 
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -38,6 +39,15 @@ StateDictReport CheckStateDict(const torch::nn::Module& module, const TensorMap&
 absl::Status LoadStateDict(torch::nn::Module& module, const TensorMap& state_dict,
                            std::string_view source = "state dict",
                            StateDictReport* report = nullptr);
+
+// Fills every parameter of `module` deterministically from `seed`, independent of its dtype and
+// device (values are drawn in float32 on the CPU in name order, then converted): 2-D weights and
+// their biases ~ U(-1/√in, 1/√in) like torch.nn.Linear's default initialization, other parameters
+// without a 2-D ".weight" sibling (norm scales) ~ 1 + U(-0.1, 0.1). Model-agnostic; for tests,
+// benchmarks and the server's embedded demo model (real weights come from a state dict). Needs
+// exclusive access to the module. LibTorch errors propagate as exceptions (call it inside
+// TorchCall where they must not escape).
+void InitRandomWeights(torch::nn::Module& module, uint64_t seed);
 
 // Reads a JSON file. NOT_FOUND if absent; INVALID_ARGUMENT (with file and parse position) if
 // invalid.

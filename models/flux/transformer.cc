@@ -1,6 +1,5 @@
 #include "models/flux/transformer.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
@@ -569,36 +568,6 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
   Tensor out = Lin(c, *proj_out, h);
   c.Capture("proj_out", out);
   return c.emulate ? out.to(c.dtype) : out;
-}
-
-void InitRandomWeights(torch::nn::Module& module, uint64_t seed) {
-  torch::NoGradGuard no_grad;
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  std::map<std::string, Tensor> params;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    params.emplace(item.key(), item.value());
-  }
-  auto fan_in_of = [&](const std::string& name) -> int64_t {
-    // "<prefix>.bias" takes the fan-in of "<prefix>.weight" when that is a matrix.
-    const std::string suffix = ".bias";
-    if (name.size() < suffix.size() ||
-        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
-      return 0;
-    }
-    auto it = params.find(name.substr(0, name.size() - suffix.size()) + ".weight");
-    return it != params.end() && it->second.dim() == 2 ? it->second.size(1) : 0;
-  };
-  for (auto& [name, p] : params) {
-    Tensor v = torch::empty(p.sizes(), torch::kFloat);
-    int64_t fan_in = p.dim() == 2 ? p.size(1) : fan_in_of(name);
-    if (fan_in > 0) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-      v.uniform_(-bound, bound, gen);
-    } else {
-      v.uniform_(0.9, 1.1, gen);
-    }
-    p.detach().copy_(v);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "handlers/model.h"
 #include "handlers/safetensors.h"
+#include "handlers/state_dict.h"
 #include "models/flux/config.h"
 
 namespace ds::flux {
@@ -309,12 +310,8 @@ class FluxTransformer2DModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(FluxTransformer2DModel);
 
-// Fills every parameter of `module` deterministically from `seed`, independent of its dtype and
-// device (values are drawn in float32 on the CPU in name order, then converted): 2-D weights and
-// their biases ~ U(-1/√in, 1/√in) like torch.nn.Linear's default initialization, 1-D weights
-// without a 2-D sibling (RMSNorm scales) ~ 1 + U(-0.1, 0.1). For tests and benchmarks; real weights
-// come from a state dict. Needs exclusive access to the module.
-void InitRandomWeights(torch::nn::Module& module, uint64_t seed);
+// ds::InitRandomWeights (handlers/state_dict.h), also reachable as ds::flux::InitRandomWeights.
+using ::ds::InitRandomWeights;
 
 // ---------------------------------------------------------------------------------------------
 
