@@ -17,6 +17,7 @@
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
+#include "testing/lora_golden.h"
 #include "testing/lora_util.h"
 #include "testing/test_util.h"
 
@@ -30,18 +31,14 @@ using ::testing::HasSubstr;
 
 constexpr double kAppliedTolerance = 1e-5;  // golden README: fused/applied LoRA outputs
 
-fs::path LoraGolden() { return fs::path(GoldenDir()) / "lora"; }
+fs::path LoraGolden() { return test::LoraGoldenDir(); }
 
+// Every golden LoRA case with an intended_forward output.
 std::vector<std::string> DiscoverCases() {
   std::vector<std::string> cases;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(LoraGolden(), ec)) {
-    if (entry.is_directory() && fs::exists(entry.path() / "input.safetensors") &&
-        fs::exists(entry.path() / "intended_forward.safetensors")) {
-      cases.push_back(entry.path().filename().string());
-    }
+  for (const std::string& c : test::LoraGoldenCases()) {
+    if (fs::exists(LoraGolden() / c / "intended_forward.safetensors")) cases.push_back(c);
   }
-  std::sort(cases.begin(), cases.end());
   return cases;
 }
 
