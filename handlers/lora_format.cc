@@ -7,8 +7,11 @@
 #include <cmath>
 #include <cstring>
 #include <regex>
+#include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -600,13 +603,46 @@ namespace {
 // The SHA-256 of a mapped file, computed on its own thread while the caller converts and
 // validates (hashing is the slowest single step of a load: ~1.5 GB/s against ~5 GB/s reads).
 // Join() waits for it; the destructor joins too, so no exit path leaves the thread running.
+//
+// Digests are remembered by file identity (SafetensorsFile::identity()), so reloading an unchanged
+// file (hot-swap churn, eviction and reload) does not hash it again.
+class DigestCache {
+ public:
+  static DigestCache& Global() {
+    static DigestCache* cache = new DigestCache();
+    return *cache;
+  }
+  std::optional<std::string> Find(const std::string& identity) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = digests_.find(identity);
+    if (it == digests_.end()) return std::nullopt;
+    return it->second;
+  }
+  void Insert(const std::string& identity, const std::string& digest) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (digests_.size() >= kCapacity) digests_.clear();  // bounded; a miss only costs a hash
+    digests_[identity] = digest;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 4096;
+  std::mutex mu_;
+  std::unordered_map<std::string, std::string> digests_;
+};
+
 class BackgroundDigest {
  public:
-  explicit BackgroundDigest(std::shared_ptr<const SafetensorsFile> file)
-      : file_(std::move(file)), thread_([this] {
-          const std::string_view bytes = file_->mapped_bytes();
-          digest_ = Sha256Hex(bytes.data(), bytes.size());
-        }) {}
+  explicit BackgroundDigest(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {
+    if (std::optional<std::string> known = DigestCache::Global().Find(file_->identity())) {
+      digest_ = *known;
+      return;
+    }
+    thread_ = std::thread([this] {
+      const std::string_view bytes = file_->mapped_bytes();
+      digest_ = Sha256Hex(bytes.data(), bytes.size());
+      DigestCache::Global().Insert(file_->identity(), digest_);
+    });
+  }
   ~BackgroundDigest() {
     if (thread_.joinable()) thread_.join();
   }

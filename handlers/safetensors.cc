@@ -40,6 +40,8 @@ class MappedFile {
 
   char* data() const { return static_cast<char*>(addr_); }
   std::size_t size() const { return size_; }
+  const std::string& identity() const { return identity_; }
+  std::string identity_;  // see SafetensorsFile::identity()
 
  private:
   MappedFile(void* addr, std::size_t size) : addr_(addr), size_(size) {}
@@ -232,14 +234,23 @@ absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Map(const std::string& p
         absl::StrCat("safetensors file '", path, "' is not a regular file"));
   }
   const auto size = static_cast<std::size_t>(st.st_size);
-  if (size == 0) return std::shared_ptr<MappedFile>(new MappedFile(nullptr, 0));
+  const std::string identity =
+      absl::StrCat(st.st_dev, ":", st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
+                   st.st_mtim.tv_nsec, ":", st.st_ctim.tv_sec, ".", st.st_ctim.tv_nsec);
+  if (size == 0) {
+    std::shared_ptr<MappedFile> empty(new MappedFile(nullptr, 0));
+    empty->identity_ = identity;
+    return empty;
+  }
   // MAP_PRIVATE + PROT_WRITE: views are writable, writes are copy-on-write and never reach the
   // file. MAP_NORESERVE: untouched pages need no swap reservation.
   void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
   if (addr == MAP_FAILED) {
     return absl::InternalError(absl::StrCat("cannot mmap '", path, "': ", ErrnoText(errno)));
   }
-  return std::shared_ptr<MappedFile>(new MappedFile(addr, size));
+  std::shared_ptr<MappedFile> mapped(new MappedFile(addr, size));
+  mapped->identity_ = identity;
+  return mapped;
 }
 
 absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
@@ -275,6 +286,8 @@ absl::StatusOr<const TensorInfo*> SafetensorsFile::info(const std::string& name)
   }
   return &header_.tensors[it->second];
 }
+
+const std::string& SafetensorsFile::identity() const { return mapping_->identity(); }
 
 std::string_view SafetensorsFile::mapped_bytes() const {
   return std::string_view(mapping_->data(), mapping_->size());

@@ -54,6 +54,10 @@ class SafetensorsFile {
   // The whole file as mapped (valid while this object lives; do not write through it). The data
   // of every view returned by Get() lies inside it.
   std::string_view mapped_bytes() const;
+  // The file's version as the filesystem reported it when mapped: device, inode, size and the
+  // modification and status-change times (ns). Rewriting the file changes the status-change time,
+  // which only the kernel sets, so an equal identity means the same bytes (as git's index assumes).
+  const std::string& identity() const;
 
   // The tensor `name` (view over the mapping; see the header comment). NOT_FOUND when absent;
   // INTERNAL if LibTorch fails (e.g. out of memory for an F8 or misaligned copy). Views do not

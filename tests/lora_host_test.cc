@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "handlers/digest.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
@@ -259,6 +260,36 @@ TEST_F(LoraHostTest, ReplaceKeepsRunningSnapshotsOnTheOldAdapter) {
   EXPECT_GT(Relative(Run(host, {{"style", 1.0}}), v1), 1e-4);
   old_stack->reset();
   EXPECT_EQ(host.retired_bytes(), 0);
+}
+
+// Digests are cached by file identity; rewriting a file, in place or by rename, is seen.
+TEST_F(LoraHostTest, DigestFollowsTheFileContent) {
+  LoraHost host(model_, HandlerFor(*model_));
+  const std::string path = WriteLora("d", 4, 1);
+  auto first = host.Load("d", path);
+  ASSERT_TRUE(first.ok());
+  const std::string bytes1 = test::ReadFileBytes(path);
+  EXPECT_EQ(first->report.sha256, Sha256Hex(bytes1.data(), bytes1.size()));
+  auto again = host.Load("d", path, {.replace = true});  // unchanged: same digest (cached)
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->report.sha256, first->report.sha256);
+  // Rewritten by rename (new inode).
+  ASSERT_TRUE(WriteSafetensors(path, test::MakeDiffusersLora(params_, test::LinearModules(params_),
+                                                             4, 2))
+                  .ok());
+  auto renamed = host.Load("d", path, {.replace = true});
+  ASSERT_TRUE(renamed.ok());
+  const std::string bytes2 = test::ReadFileBytes(path);
+  EXPECT_EQ(renamed->report.sha256, Sha256Hex(bytes2.data(), bytes2.size()));
+  EXPECT_NE(renamed->report.sha256, first->report.sha256);
+  // Rewritten in place (same inode, same size).
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(bytes1.data(), static_cast<std::streamsize>(bytes1.size()));
+  }
+  auto in_place = host.Load("d", path, {.replace = true});
+  ASSERT_TRUE(in_place.ok());
+  EXPECT_EQ(in_place->report.sha256, first->report.sha256);
 }
 
 TEST_F(LoraHostTest, UnloadWhileInUseFreesWhenTheRequestEnds) {
