@@ -6,6 +6,7 @@ BUILD_TYPE ?= Release
 JOBS ?= $(shell nproc)
 GOLDEN_DIR ?= $(abspath ../shared/golden)
 CMAKE_FLAGS ?=
+RUN_FLAGS ?=
 
 .PHONY: all deps configure build test run bench fuzz clean
 
@@ -26,8 +27,11 @@ build: configure
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 
-run: build
-	$(BUILD_DIR)/tools/cli/diffusion-cli describe FluxTransformer2DModel --verbose
+# Serves the embedded default model on :50051 (metrics on :9464) until Ctrl-C / SIGTERM.
+# Extra server flags: make run RUN_FLAGS="--port=6000 --log_format=json".
+run: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target diffusion-server
+	$(BUILD_DIR)/server/diffusion-server $(RUN_FLAGS)
 
 bench: build
 	$(BUILD_DIR)/bench/flux_forward_bench

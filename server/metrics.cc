@@ -1,14 +1,20 @@
 #include "server/metrics.h"
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
-#include <exception>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "prometheus/collectable.h"
-#include "prometheus/exposer.h"
 #include "prometheus/metric_family.h"
 #include "prometheus/text_serializer.h"
 
@@ -54,19 +60,6 @@ std::string LabelKey(const prometheus::Labels& labels) {
   for (const auto& [name, value] : labels) absl::StrAppend(&key, name, "\x1f", value, "\x1e");
   return key;
 }
-
-// What the exposer scrapes: refreshes the process gauges, then collects the registry.
-class ScrapeCollectable : public prometheus::Collectable {
- public:
-  explicit ScrapeCollectable(std::shared_ptr<Metrics> metrics) : metrics_(std::move(metrics)) {}
-  std::vector<prometheus::MetricFamily> Collect() const override {
-    metrics_->UpdateProcessMemory();
-    return metrics_->registry()->Collect();
-  }
-
- private:
-  std::shared_ptr<Metrics> metrics_;
-};
 
 }  // namespace
 
@@ -226,29 +219,173 @@ std::string Metrics::SerializeText() const {
   return prometheus::TextSerializer().Serialize(registry_->Collect());
 }
 
-MetricsServer::~MetricsServer() = default;
+namespace {
+
+constexpr int kIoTimeoutSeconds = 5;
+constexpr size_t kMaxRequestBytes = 16 * 1024;
+
+bool SendAll(int fd, const std::string& data) {
+  size_t sent = 0;
+  while (sent < data.size()) {
+    const ssize_t n = ::send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    sent += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+std::string HttpResponse(const char* status, const char* content_type, const std::string& body) {
+  return absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", content_type,
+                      "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
+}
+
+// "host:port", "[v6]:port" or "port" -> (host, port); host "" for a bare port.
+bool SplitAddress(const std::string& address, std::string* host, std::string* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) {
+    *host = "";
+    *port = address;
+  } else {
+    *host = address.substr(0, colon);
+    *port = address.substr(colon + 1);
+    if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
+      *host = host->substr(1, host->size() - 2);
+    }
+  }
+  if (port->empty() || port->size() > 5) return false;
+  for (char c : *port) {
+    if (c < '0' || c > '9') return false;
+  }
+  return std::stoi(*port) <= 65535;
+}
+
+}  // namespace
+
+MetricsServer::~MetricsServer() {
+  if (thread_.joinable()) {
+    const char stop = 1;
+    (void)!::write(wake_fds_[1], &stop, 1);
+    thread_.join();
+  }
+  for (int fd : {listen_fd_, wake_fds_[0], wake_fds_[1]}) {
+    if (fd >= 0) ::close(fd);
+  }
+}
+
+void MetricsServer::Serve() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fds_[0], POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    if ((fds[0].revents & POLLIN) == 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    HandleConnection(fd);
+    ::close(fd);
+  }
+}
+
+void MetricsServer::HandleConnection(int fd) {
+  const timeval timeout{kIoTimeoutSeconds, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  std::string request;
+  char buf[2048];
+  while (request.find("\r\n\r\n") == std::string::npos &&
+         request.find("\n\n") == std::string::npos && request.size() < kMaxRequestBytes) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    request.append(buf, static_cast<size_t>(n));
+  }
+  // Request line: METHOD SP TARGET SP VERSION.
+  const std::string line = request.substr(0, request.find_first_of("\r\n"));
+  const size_t sp1 = line.find(' ');
+  const size_t sp2 = sp1 == std::string::npos ? std::string::npos : line.find(' ', sp1 + 1);
+  if (sp1 == std::string::npos) {
+    SendAll(fd, HttpResponse("400 Bad Request", "text/plain", "bad request\n"));
+    return;
+  }
+  const std::string method = line.substr(0, sp1);
+  std::string target =
+      line.substr(sp1 + 1, sp2 == std::string::npos ? std::string::npos : sp2 - sp1 - 1);
+  target = target.substr(0, target.find('?'));
+  if (method != "GET" && method != "HEAD") {
+    SendAll(fd, HttpResponse("405 Method Not Allowed", "text/plain", "use GET\n"));
+    return;
+  }
+  if (target != "/metrics") {
+    SendAll(fd, HttpResponse("404 Not Found", "text/plain", "see /metrics\n"));
+    return;
+  }
+  metrics_->UpdateProcessMemory();
+  std::string response =
+      HttpResponse("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics_->SerializeText());
+  if (method == "HEAD") response.resize(response.find("\r\n\r\n") + 4);
+  SendAll(fd, response);
+}
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> StartMetricsServer(
     const std::string& address, std::shared_ptr<Metrics> metrics) {
   if (metrics == nullptr) return absl::InvalidArgumentError("StartMetricsServer: no Metrics");
   if (address.empty()) return absl::InvalidArgumentError("the metrics address is empty");
+  std::string host, port;
+  if (!SplitAddress(address, &host, &port)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the metrics address '", address, "' is not host:port or a port"));
+  }
   std::unique_ptr<MetricsServer> server(new MetricsServer());
   server->address_ = address;
-  server->metrics_ = metrics;
-  server->collectable_ = std::make_shared<ScrapeCollectable>(std::move(metrics));
-  try {
-    server->exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/2);
-  } catch (const std::exception& e) {
+  server->metrics_ = std::move(metrics);
+
+  addrinfo hints{};
+  hints.ai_family = host.empty() ? AF_INET : AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  if (const int rc =
+          ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
+      rc != 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on '", address, "': ", e.what()));
+        absl::StrCat("cannot serve metrics on '", address, "': ", ::gai_strerror(rc)));
   }
-  server->exposer_->RegisterCollectable(server->collectable_);
-  const std::vector<int> ports = server->exposer_->GetListeningPorts();
-  if (ports.empty()) {
+  std::string error = "no usable address";
+  for (addrinfo* ai = found; ai != nullptr && server->listen_fd_ < 0; ai = ai->ai_next) {
+    const int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+      error = std::strerror(errno);
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+      error = std::strerror(errno);
+      ::close(fd);
+      continue;
+    }
+    server->listen_fd_ = fd;
+  }
+  ::freeaddrinfo(found);
+  if (server->listen_fd_ < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on '", address, "': ", error));
+  }
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  if (::getsockname(server->listen_fd_, reinterpret_cast<sockaddr*>(&bound), &len) != 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on '", address, "': no listening port"));
+        absl::StrCat("cannot serve metrics on '", address, "': ", std::strerror(errno)));
   }
-  server->port_ = ports.front();
+  server->port_ =
+      ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                        : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  if (::pipe2(server->wake_fds_, O_CLOEXEC) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on '", address, "': pipe: ", std::strerror(errno)));
+  }
+  MetricsServer* raw = server.get();
+  server->thread_ = std::thread([raw] { raw->Serve(); });
   return server;
 }
 

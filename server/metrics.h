@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -37,10 +38,6 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
-
-namespace prometheus {
-class Exposer;
-}  // namespace prometheus
 
 namespace ds::server {
 
@@ -123,9 +120,18 @@ class Metrics {
   absl::flat_hash_map<std::pair<const void*, std::string>, void*> cache_ ABSL_GUARDED_BY(mu_);
 };
 
-// Serves a Metrics registry over HTTP at /metrics (Prometheus text format), calling
-// Metrics::UpdateProcessMemory before each scrape. Stops serving on destruction (which waits for
-// in-progress scrapes). Not copyable or movable; thread-safe accessors.
+// Serves a Metrics registry over HTTP at /metrics (Prometheus text format 0.0.4), calling
+// Metrics::UpdateProcessMemory before each scrape; other paths are 404, other methods 405.
+//
+// A small HTTP/1.x server of our own (one thread, one connection at a time, `Connection: close`,
+// 5 s I/O timeout per request) rather than prometheus-cpp's civetweb Exposer: civetweb creates
+// its threads with a fixed 100 KiB stack, and glibc carves the static TLS of every loaded library
+// out of each thread's stack — in a binary linking LibTorch (OpenBLAS alone has 60 KiB of TLS)
+// that exceeds 100 KiB, so civetweb's pthread_create fails with EINVAL and the exposer never
+// starts. Scrapes are sequential by nature (Prometheus scrapes a target one request at a time).
+//
+// Stops serving on destruction (waits for an in-progress scrape). Not copyable or movable;
+// thread-safe accessors.
 class MetricsServer {
  public:
   ~MetricsServer();
@@ -141,19 +147,21 @@ class MetricsServer {
   friend absl::StatusOr<std::unique_ptr<MetricsServer>> StartMetricsServer(
       const std::string& address, std::shared_ptr<Metrics> metrics);
   MetricsServer() = default;
+  void Serve();
+  void HandleConnection(int fd);
 
   std::string address_;
   int port_ = 0;
   std::shared_ptr<Metrics> metrics_;
-  std::shared_ptr<prometheus::Collectable> collectable_;  // the exposer holds a weak_ptr to it
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  int listen_fd_ = -1;
+  int wake_fds_[2] = {-1, -1};  // a pipe: writing to [1] stops Serve()
+  std::thread thread_;
 };
 
-// Starts an HTTP exposer (civetweb, 2 threads) serving `metrics` at /metrics on `address`
-// ("0.0.0.0:9090", "127.0.0.1:0", or a bare port "9090" = all IPv4 interfaces; port 0 picks a free
-// port, see MetricsServer::port()). IPv6 addresses are not supported by Debian's build.
-// INVALID_ARGUMENT when `metrics` is null or the address is empty; UNAVAILABLE if it cannot bind
-// (message names the address).
+// Starts serving `metrics` at /metrics on `address`: "host:port" ("0.0.0.0:9090",
+// "127.0.0.1:0", "[::]:9090"), or a bare port "9090" = all IPv4 interfaces; port 0 picks a free
+// port (see MetricsServer::port()). INVALID_ARGUMENT when `metrics` is null or the address is
+// empty or malformed; UNAVAILABLE if it cannot bind (message names the address).
 absl::StatusOr<std::unique_ptr<MetricsServer>> StartMetricsServer(const std::string& address,
                                                                   std::shared_ptr<Metrics> metrics);
 

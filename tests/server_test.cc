@@ -1,0 +1,961 @@
+// diffusion-server end to end: the real binary on loopback (port 0, temporary roots), driven by
+// the generated C++ stubs. Every RPC's happy path, each status code from a real bad request, the
+// scheduler's limits (queue full, deadline, cancellation within one step), health with Watch,
+// reflection, the metrics endpoint, and graceful shutdown on SIGTERM.
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "diffusion/v1/diffusion.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "handlers/flow_match.h"
+#include "handlers/lora_host.h"
+#include "handlers/registry.h"
+#include "handlers/safetensors.h"
+#include "handlers/state_dict.h"
+#include "server/model_manager.h"
+#include "server/tensor_proto.h"
+#include "testing/lora_util.h"
+#include "testing/test_util.h"
+
+namespace ds {
+namespace {
+
+namespace fs = std::filesystem;
+namespace pb = ::diffusion::v1;
+using ::ds::test::GoldenDir;
+using ::ds::test::TempDir;
+using ::grpc::health::v1::HealthCheckRequest;
+using ::grpc::health::v1::HealthCheckResponse;
+using ::testing::Contains;
+using ::testing::HasSubstr;
+using Clock = std::chrono::steady_clock;
+
+constexpr char kToken[] = "test-admin-token-0123456789";
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The server process.
+
+class ServerProcess {
+ public:
+  // Starts the binary with `args` (plus --port=0 --metrics_port=0 --host=127.0.0.1 --threads=1)
+  // and waits for its "listening on" line.
+  explicit ServerProcess(std::vector<std::string> args) {
+    err_path_ = tmp_.File("stderr.txt");
+    args.insert(args.begin(), {DS_SERVER_PATH, "--port=0", "--metrics_port=0", "--host=127.0.0.1",
+                               "--threads=1"});
+    int out[2];
+    if (pipe(out) != 0) return;
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(out[1], STDOUT_FILENO);
+      const int err = open(err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      if (err >= 0) dup2(err, STDERR_FILENO);
+      close(out[0]);
+      std::vector<char*> argv;
+      for (std::string& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    close(out[1]);
+    out_fd_ = out[0];
+    std::string buffer;
+    const auto start = Clock::now();
+    while (Since(start) < 60) {
+      pollfd p{out_fd_, POLLIN, 0};
+      if (poll(&p, 1, 200) <= 0) continue;
+      char buf[512];
+      const ssize_t n = read(out_fd_, buf, sizeof(buf));
+      if (n <= 0) break;
+      buffer.append(buf, static_cast<size_t>(n));
+      size_t eol;
+      while ((eol = buffer.find('\n')) != std::string::npos) {
+        const std::string line = buffer.substr(0, eol);
+        buffer.erase(0, eol + 1);
+        const int port = std::atoi(line.substr(line.rfind(':') + 1).c_str());
+        if (absl::StartsWith(line, "metrics on ")) metrics_port_ = port;
+        if (absl::StartsWith(line, "listening on ")) {
+          port_ = port;
+          return;
+        }
+      }
+    }
+  }
+  ~ServerProcess() {
+    if (pid_ > 0 && !exited_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (out_fd_ >= 0) close(out_fd_);
+  }
+
+  bool ok() const { return port_ > 0; }
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  std::string Stderr() const { return ds::test::ReadFileBytes(err_path_); }
+
+  std::shared_ptr<grpc::Channel> NewChannel() const {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    // A fresh connection per channel (no sharing between the test's channels).
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_),
+                                     grpc::InsecureChannelCredentials(), args);
+  }
+  std::unique_ptr<pb::DiffusionService::Stub> Stub() const {
+    return pb::DiffusionService::NewStub(NewChannel());
+  }
+
+  void Signal(int sig) const { kill(pid_, sig); }
+  // The exit code, or -1 if it did not exit normally within `seconds`.
+  int WaitExit(double seconds) {
+    const auto start = Clock::now();
+    while (Since(start) < seconds) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        exited_ = true;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return -1;
+  }
+
+ private:
+  TempDir tmp_;
+  std::string err_path_;
+  pid_t pid_ = -1;
+  int out_fd_ = -1;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  bool exited_ = false;
+};
+
+std::unique_ptr<grpc::ClientContext> Context(double seconds = 60, bool admin = false,
+                                             const std::string& token = kToken) {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  if (admin) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+  return ctx;
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\n\r\n");
+    (void)!send(fd, request.data(), request.size(), 0);
+    char buf[4096];
+    ssize_t n;
+    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) response.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return response;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Requests and the in-process reference.
+
+pb::Tensor ToProto(const torch::Tensor& t) {
+  pb::Tensor p;
+  EXPECT_TRUE(server::TensorToProto(t, &p).ok());
+  return p;
+}
+
+// Forward inputs (besides hidden_states/timestep/guidance) of a tiny Flux model with a 4x4 latent
+// grid (16 image tokens) and 8 text tokens.
+TensorMap FluxInputs(int64_t joint_dim, int64_t pooled_dim, uint64_t seed) {
+  torch::manual_seed(seed);
+  TensorMap in;
+  in["encoder_hidden_states"] = torch::randn({1, 8, joint_dim});
+  in["pooled_projections"] = torch::randn({1, pooled_dim});
+  torch::Tensor img = torch::zeros({16, 3});
+  for (int64_t i = 0; i < 16; ++i) {
+    img[i][1] = static_cast<float>(i / 4);
+    img[i][2] = static_cast<float>(i % 4);
+  }
+  in["img_ids"] = img;
+  in["txt_ids"] = torch::zeros({8, 3});
+  return in;
+}
+
+pb::GenerateRequest MakeRequest(const std::string& model, const TensorMap& inputs, int64_t channels,
+                                int64_t steps, int64_t seed = 42) {
+  pb::GenerateRequest r;
+  r.set_model(model);
+  for (const auto& [name, t] : inputs) (*r.mutable_inputs())[name] = ToProto(t);
+  r.add_latent_shape(1);
+  r.add_latent_shape(16);
+  r.add_latent_shape(channels);
+  r.set_seed(seed);
+  r.set_steps(steps);
+  return r;
+}
+
+// The same sampler in this process: seeded noise, guidance 3.5, DenoiseFlowMatchEuler.
+torch::Tensor InProcess(const LoraHost& host, TensorMap inputs, int64_t channels, int steps,
+                        const AdapterStack* stack, int64_t seed = 42) {
+  inputs["guidance"] = torch::full({1}, 3.5, torch::kFloat32);
+  auto noise =
+      SeededNoise({1, 16, channels}, static_cast<uint64_t>(seed), torch::kFloat32, torch::kCPU);
+  EXPECT_TRUE(noise.ok());
+  auto out = DenoiseFlowMatchEuler(host, inputs, *noise, steps, stack, nullptr);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? *out : torch::Tensor();
+}
+
+struct Outcome {
+  grpc::Status status;
+  std::vector<pb::GenerateProgress> progress;
+  std::optional<pb::GenerateResult> result;
+  torch::Tensor latents;
+};
+
+// Runs a Generate; `on_event(ctx, events_so_far)` runs after each received message.
+Outcome Generate(pb::DiffusionService::Stub& stub, const pb::GenerateRequest& request,
+                 grpc::ClientContext* ctx,
+                 const std::function<void(grpc::ClientContext&, int)>& on_event = nullptr) {
+  Outcome o;
+  auto reader = stub.Generate(ctx, request);
+  pb::GenerateResponse message;
+  int events = 0;
+  while (reader->Read(&message)) {
+    ++events;
+    if (message.has_progress()) o.progress.push_back(message.progress());
+    if (message.has_result()) o.result = message.result();
+    if (on_event) on_event(*ctx, events);
+  }
+  o.status = reader->Finish();
+  if (o.result.has_value()) {
+    auto t = server::TensorFromProto(o.result->latents(), "latents");
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (t.ok()) o.latents = *t;
+  }
+  return o;
+}
+
+Outcome Generate(pb::DiffusionService::Stub& stub, const pb::GenerateRequest& request,
+                 double seconds = 60,
+                 const std::function<void(grpc::ClientContext&, int)>& on_event = nullptr) {
+  auto ctx = Context(seconds);
+  return Generate(stub, request, ctx.get(), on_event);
+}
+
+void ExpectSameLatents(const torch::Tensor& served, const torch::Tensor& local) {
+  ASSERT_TRUE(served.defined() && local.defined());
+  ASSERT_EQ(served.sizes(), local.sizes());
+  const double diff = (served - local).abs().max().item<double>();
+  EXPECT_LE(diff, 1e-6) << "served vs in-process";
+}
+
+// A fixture with temporary model and adapter roots, a token file and a running server.
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    torch::set_num_threads(1);
+    models_ = tmp_.File("models");
+    adapters_ = tmp_.File("adapters");
+    fs::create_directories(models_);
+    fs::create_directories(adapters_);
+    token_file_ = tmp_.File("token");
+    std::ofstream(token_file_) << kToken << "\n";
+  }
+
+  void StartServer(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"--admin_token_file=" + token_file_, "--model_root=" + models_,
+                                     "--adapter_root=" + adapters_};
+    args.insert(args.end(), extra.begin(), extra.end());
+    server_ = std::make_unique<ServerProcess>(args);
+    ASSERT_TRUE(server_->ok()) << server_->Stderr();
+    stub_ = server_->Stub();
+  }
+
+  // The embedded default model, built in this process as the server builds it.
+  const server::ModelInstance& LocalDefault() {
+    if (local_ == nullptr) {
+      auto r = local_manager_.LoadEmbedded("default");
+      EXPECT_TRUE(r.ok()) << r.status();
+      local_ = r->instance;
+    }
+    return *local_;
+  }
+
+  TempDir tmp_;
+  std::string models_, adapters_, token_file_;
+  std::unique_ptr<ServerProcess> server_;
+  std::unique_ptr<pb::DiffusionService::Stub> stub_;
+  server::ModelManager local_manager_;
+  server::InstancePtr local_;
+};
+
+// ------------------------------------------------------------------------------------------------
+
+TEST_F(ServerTest, ListModelsAndGetMetadata) {
+  StartServer();
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  ASSERT_EQ(list.models_size(), 1);
+  const pb::ModelInstance& m = list.models(0);
+  EXPECT_EQ(m.name(), "default");
+  EXPECT_EQ(m.state(), pb::READY);
+  EXPECT_EQ(m.class_name(), "FluxTransformer2DModel");
+  EXPECT_EQ(m.family(), "flux");
+  EXPECT_EQ(m.dtype(), "float32");
+  EXPECT_EQ(m.device(), "cpu");
+  EXPECT_EQ(m.source(), "embedded");
+  EXPECT_EQ(m.parameter_bytes(), LocalDefault().parameter_bytes);
+
+  auto spec = ModelRegistry::Global().Find("flux");
+  ASSERT_TRUE(spec.ok());
+  for (const std::string name : {"default", "FluxTransformer2DModel", "flux"}) {
+    SCOPED_TRACE(name);
+    pb::GetMetadataRequest req;
+    req.set_name(name);
+    pb::GetMetadataResponse md;
+    ASSERT_TRUE(stub_->GetMetadata(Context().get(), req, &md).ok());
+    EXPECT_EQ(md.class_name(), "FluxTransformer2DModel");
+    EXPECT_EQ(md.family(), "flux");
+    EXPECT_EQ(md.table(), BuildModelMetadata(**spec).Render(false));
+    bool lora = false, mapping = false;
+    for (const pb::FeatureRow& row : md.features()) {
+      if (row.attribute() == "_lora") {
+        lora = true;
+        ASSERT_TRUE(row.has_list_value());
+        EXPECT_THAT(row.list_value().values(), Contains("kohya"));
+        EXPECT_FALSE(row.docs_url().empty());
+      }
+      if (row.attribute() == "_weight_mapping") {
+        mapping = true;
+        EXPECT_THAT(row.list_value().values(), Contains("flux-dev"));
+      }
+    }
+    EXPECT_TRUE(lora && mapping);
+    EXPECT_EQ(md.limits().default_guidance(), 3.5);
+    EXPECT_EQ(md.has_instance(), name == "default");
+    if (name == "default") {
+      EXPECT_EQ(md.instance().state(), pb::READY);
+      EXPECT_THAT(md.required_inputs(), Contains("guidance"));
+      EXPECT_EQ(nlohmann::json::parse(md.config_json())["in_channels"], 16);
+    }
+  }
+  pb::GetMetadataRequest verbose;
+  verbose.set_name("flux");
+  verbose.set_verbose(true);
+  pb::GetMetadataResponse md;
+  ASSERT_TRUE(stub_->GetMetadata(Context().get(), verbose, &md).ok());
+  EXPECT_EQ(md.table(), BuildModelMetadata(**spec).Render(true));
+
+  pb::GetMetadataRequest unknown;
+  unknown.set_name("NoSuchModel");
+  grpc::Status s = stub_->GetMetadata(Context().get(), unknown, &md);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("NoSuchModel"));
+  s = stub_->GetMetadata(Context().get(), {}, &md);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("name"));
+}
+
+TEST_F(ServerTest, GenerateStreamsProgressThenLatentsEqualToInProcess) {
+  StartServer();
+  const TensorMap inputs = FluxInputs(32, 32, 7);
+  const Outcome o = Generate(*stub_, MakeRequest("", inputs, 16, 3));
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  ASSERT_EQ(o.progress.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(o.progress[i].step(), i + 1);
+    EXPECT_EQ(o.progress[i].total_steps(), 3);
+  }
+  ASSERT_TRUE(o.result.has_value());
+  EXPECT_EQ(o.result->model(), "default");
+  EXPECT_EQ(o.result->seed(), 42);
+  EXPECT_EQ(o.result->steps(), 3);
+  EXPECT_EQ(o.result->guidance(), 3.5);
+  EXPECT_THAT(o.result->latent_shape(), ::testing::ElementsAre(1, 16, 16));
+  const torch::Tensor local = InProcess(*LocalDefault().host, inputs, 16, 3, nullptr);
+  ExpectSameLatents(o.latents, local);
+  // The denoised latents differ from the noise, and explicit latents give the same result.
+  auto noise = SeededNoise({1, 16, 16}, 42, torch::kFloat32, torch::kCPU);
+  EXPECT_GT((o.latents - *noise).abs().max().item<double>(), 1e-3);
+  pb::GenerateRequest explicit_latents = MakeRequest("default", inputs, 16, 3);
+  explicit_latents.clear_latent_shape();
+  *explicit_latents.mutable_latents() = ToProto(*noise);
+  const Outcome e = Generate(*stub_, explicit_latents);
+  ASSERT_TRUE(e.status.ok()) << e.status.error_message();
+  ExpectSameLatents(e.latents, local);
+}
+
+TEST_F(ServerTest, LoRALifecycleOnTheDefaultModel) {
+  StartServer({"--max_inline_lora_bytes=1048576"});
+  // A synthetic diffusers LoRA on every linear of the embedded model.
+  const TensorMap params = NamedTensors(LocalDefault().model().module());
+  const TensorMap lora =
+      test::MakeDiffusersLora(params, test::LinearModules(params), /*rank=*/2, /*seed=*/5);
+  const std::string file = adapters_ + "/synth.safetensors";
+  ASSERT_TRUE(WriteSafetensors(file, lora).ok());
+
+  pb::LoadLoRARequest load;
+  load.set_model("default");
+  load.set_name("synth");
+  load.set_path("synth.safetensors");
+  pb::LoadLoRAResponse loaded;
+  grpc::Status s = stub_->LoadLoRA(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(loaded.adapter().name(), "synth");
+  EXPECT_EQ(loaded.adapter().format(), "diffusers");
+  EXPECT_EQ(loaded.adapter().sha256().size(), 64u);
+  EXPECT_EQ(loaded.report().format(), "diffusers");
+  EXPECT_EQ(loaded.report().modules_size(), static_cast<int>(test::LinearModules(params).size()));
+  EXPECT_FALSE(loaded.report().text().empty());
+
+  // The same bytes inline, as a second adapter.
+  pb::LoadLoRARequest inline_load;
+  inline_load.set_name("synth-inline");
+  inline_load.set_inline_bytes(test::ReadFileBytes(file));
+  s = stub_->LoadLoRA(Context(60, true).get(), inline_load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(loaded.adapter().source(), "inline");
+  EXPECT_THAT(loaded.report().text(), ::testing::Not(HasSubstr("ds-inline-lora")));
+  // Over the inline cap: RESOURCE_EXHAUSTED before anything is parsed.
+  inline_load.set_name("too-big");
+  inline_load.set_inline_bytes(std::string(1048577, 'x'));
+  s = stub_->LoadLoRA(Context(60, true).get(), inline_load, &loaded);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("inline_bytes"));
+
+  pb::ListLoRAsRequest list_req;
+  list_req.set_model("default");
+  pb::ListLoRAsResponse list;
+  ASSERT_TRUE(stub_->ListLoRAs(Context().get(), list_req, &list).ok());
+  ASSERT_EQ(list.adapters_size(), 2);
+  EXPECT_EQ(list.adapters(0).name(), "synth");
+  EXPECT_GT(list.memory_used_bytes(), 0);
+  pb::ListModelsResponse models;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &models).ok());
+  EXPECT_EQ(models.models(0).adapters_size(), 2);
+
+  // Generate with the adapter equals the in-process run with the same adapter.
+  const TensorMap inputs = FluxInputs(32, 32, 9);
+  pb::GenerateRequest req = MakeRequest("default", inputs, 16, 2);
+  pb::AdapterWeight* a = req.add_adapters();
+  a->set_name("synth");
+  a->set_weight(0.8);
+  const Outcome o = Generate(*stub_, req);
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  ASSERT_EQ(o.result->adapters_size(), 1);
+  EXPECT_EQ(o.result->adapters(0).name(), "synth");
+  EXPECT_EQ(o.result->adapters(0).weight(), 0.8);
+  EXPECT_EQ(o.result->adapters(0).sha256(), list.adapters(0).sha256());
+  LoraHost& host = *LocalDefault().host;
+  ASSERT_TRUE(host.Load("synth", file).ok());
+  auto stack = host.Snapshot({{"synth", 0.8}});
+  ASSERT_TRUE(stack.ok());
+  ExpectSameLatents(o.latents, InProcess(host, inputs, 16, 2, stack->get()));
+  const torch::Tensor base = InProcess(host, inputs, 16, 2, nullptr);
+  EXPECT_GT((o.latents - base).abs().max().item<double>(), 1e-6) << "the adapter changed nothing";
+
+  pb::UnloadLoRARequest unload;
+  unload.set_model("default");
+  unload.set_name("synth");
+  pb::UnloadLoRAResponse unloaded;
+  ASSERT_TRUE(stub_->UnloadLoRA(Context(60, true).get(), unload, &unloaded).ok());
+  ASSERT_TRUE(stub_->ListLoRAs(Context().get(), list_req, &list).ok());
+  ASSERT_EQ(list.adapters_size(), 1);
+  EXPECT_EQ(list.adapters(0).name(), "synth-inline");
+  const Outcome gone = Generate(*stub_, req);
+  EXPECT_EQ(gone.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(gone.status.error_message(), HasSubstr("synth"));
+  EXPECT_EQ(stub_->UnloadLoRA(Context(60, true).get(), unload, &unloaded).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerTest, LoadSingleFileGoldenLoRAReplaceAndUnload) {
+  StartServer();
+  // The golden LoRA base model (a diffusers folder) and the flux-dev single file, copied under
+  // the model root; the golden diffusers LoRA under the adapter root.
+  const fs::path golden = GoldenDir();
+  fs::copy(golden / "lora" / "base_model_dir", fs::path(models_) / "base_model_dir",
+           fs::copy_options::recursive);
+  fs::copy_file(golden / "single_file" / "flux-dev" / "original.safetensors",
+                fs::path(models_) / "flux-dev.safetensors");
+  fs::copy_file(golden / "lora" / "diffusers" / "input.safetensors",
+                fs::path(adapters_) / "golden-diffusers.safetensors");
+
+  // Watch the instance's health before it exists.
+  auto health = grpc::health::v1::Health::NewStub(server_->NewChannel());
+  grpc::ClientContext watch_ctx;
+  HealthCheckRequest watch_req;
+  watch_req.set_service("golden");
+  auto watch = health->Watch(&watch_ctx, watch_req);
+  HealthCheckResponse h;
+  ASSERT_TRUE(watch->Read(&h));
+  EXPECT_EQ(h.status(), HealthCheckResponse::SERVICE_UNKNOWN);
+
+  pb::LoadSingleFileRequest load;
+  load.set_name("golden");
+  load.set_path("base_model_dir");
+  pb::LoadSingleFileResponse loaded;
+  grpc::Status s = stub_->LoadSingleFile(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(loaded.instance().state(), pb::READY);
+  EXPECT_EQ(loaded.instance().class_name(), "FluxTransformer2DModel");
+  EXPECT_EQ(loaded.instance().sha256().size(), 64u);
+  EXPECT_THAT(loaded.report(), HasSubstr("diffusers model folder"));
+  ASSERT_TRUE(watch->Read(&h));
+  EXPECT_EQ(h.status(), HealthCheckResponse::SERVING);
+  // Loading the name again without replace is refused.
+  EXPECT_EQ(stub_->LoadSingleFile(Context(60, true).get(), load, &loaded).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+
+  pb::LoadLoRARequest lora;
+  lora.set_model("golden");
+  lora.set_name("g");
+  lora.set_path("golden-diffusers.safetensors");
+  pb::LoadLoRAResponse lora_loaded;
+  s = stub_->LoadLoRA(Context(60, true).get(), lora, &lora_loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(lora_loaded.report().format(), "diffusers");
+
+  // Generate on the golden model with the golden LoRA equals the in-process run.
+  const TensorMap inputs = FluxInputs(32, 32, 11);
+  pb::GenerateRequest req = MakeRequest("golden", inputs, 4, 2);
+  req.add_adapters()->set_name("g");
+  const Outcome o = Generate(*stub_, req);
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  EXPECT_EQ(o.result->model_sha256(), loaded.instance().sha256());
+  auto base = LoadModelFromFolder((golden / "lora" / "base_model_dir").string(), ModelOptions{});
+  ASSERT_TRUE(base.ok()) << base.status();
+  auto spec = ModelRegistry::Global().Find("flux");
+  LoraHost host(std::shared_ptr<DiffusionModel>(std::move(*base)), (*spec)->lora);
+  ASSERT_TRUE(host.Load("g", (golden / "lora" / "diffusers" / "input.safetensors").string()).ok());
+  auto stack = host.Snapshot({{"g", 1.0}});
+  ASSERT_TRUE(stack.ok());
+  ExpectSameLatents(o.latents, InProcess(host, inputs, 4, 2, stack->get()));
+
+  // Replace with the flux-dev single file (same shapes; RoPE axes given as a config override).
+  load.set_path("flux-dev.safetensors");
+  load.set_replace(true);
+  load.set_config_json(R"({"axes_dims_rope": [4, 4, 8]})");
+  s = stub_->LoadSingleFile(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(loaded.instance().variant(), "flux-dev");
+  EXPECT_EQ(loaded.instance().adapters_size(), 0);  // a new instance: its own adapter store
+  EXPECT_THAT(loaded.report(), HasSubstr("flux-dev"));
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  ASSERT_EQ(list.models_size(), 2);
+  EXPECT_EQ(list.models(1).name(), "golden");
+  EXPECT_EQ(list.models(1).variant(), "flux-dev");
+  EXPECT_TRUE(absl::EndsWith(list.models(1).source(), "flux-dev.safetensors"));
+
+  pb::UnloadModelRequest unload;
+  unload.set_name("golden");
+  pb::UnloadModelResponse unloaded;
+  ASSERT_TRUE(stub_->UnloadModel(Context(60, true).get(), unload, &unloaded).ok());
+  // (The replacement re-announced SERVING.)
+  bool not_serving = false;
+  for (int i = 0; i < 3 && !not_serving && watch->Read(&h); ++i) {
+    not_serving = h.status() == HealthCheckResponse::NOT_SERVING;
+  }
+  EXPECT_TRUE(not_serving);
+  watch_ctx.TryCancel();
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  EXPECT_EQ(list.models_size(), 1);
+  EXPECT_EQ(Generate(*stub_, req).status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(stub_->UnloadModel(Context(60, true).get(), unload, &unloaded).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerTest, PreloadConfigLoadsModelsAndAdaptersAfterStart) {
+  const fs::path golden = GoldenDir();
+  fs::copy(golden / "lora" / "base_model_dir", fs::path(models_) / "base_model_dir",
+           fs::copy_options::recursive);
+  fs::copy_file(golden / "lora" / "diffusers" / "input.safetensors",
+                fs::path(adapters_) / "golden-diffusers.safetensors");
+  const std::string config = tmp_.File("preload.json");
+  std::ofstream(config) << R"({
+    "models": [{"name": "default", "embedded": true}, {"name": "golden", "path": "base_model_dir"}],
+    "adapters": [{"model": "golden", "name": "g", "path": "golden-diffusers.safetensors",
+                  "pin": true}]})";
+  StartServer({"--config=" + config});
+  // Configured models load after the port opens; health says when each is READY.
+  auto health = grpc::health::v1::Health::NewStub(server_->NewChannel());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  HealthCheckRequest req;
+  req.set_service("golden");
+  auto watch = health->Watch(&ctx, req);
+  HealthCheckResponse h;
+  while (watch->Read(&h) && h.status() != HealthCheckResponse::SERVING) {
+  }
+  EXPECT_EQ(h.status(), HealthCheckResponse::SERVING);
+  ctx.TryCancel();
+  (void)watch->Finish();
+  pb::ListLoRAsRequest list_req;
+  list_req.set_model("golden");
+  pb::ListLoRAsResponse list;
+  // The adapter is loaded right after the model; give it a moment.
+  const auto start = Clock::now();
+  do {
+    ASSERT_TRUE(stub_->ListLoRAs(Context().get(), list_req, &list).ok());
+  } while (list.adapters_size() == 0 && Since(start) < 10);
+  ASSERT_EQ(list.adapters_size(), 1);
+  EXPECT_EQ(list.adapters(0).name(), "g");
+  EXPECT_TRUE(list.adapters(0).pinned());
+  pb::ListModelsResponse models;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &models).ok());
+  EXPECT_EQ(models.models_size(), 2);
+}
+
+TEST_F(ServerTest, EachStatusCodeFromARealBadRequest) {
+  StartServer();
+  const TensorMap inputs = FluxInputs(32, 32, 3);
+  // Unknown model.
+  Outcome o = Generate(*stub_, MakeRequest("nope", inputs, 16, 1));
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("nope"));
+  // Bad fields, each named.
+  struct Bad {
+    std::function<void(pb::GenerateRequest&)> mutate;
+    std::string field;
+  };
+  const std::vector<Bad> bad = {
+      {[](pb::GenerateRequest& r) { r.set_steps(-1); }, "steps"},
+      {[](pb::GenerateRequest& r) { r.set_guidance(-2); }, "guidance"},
+      {[](pb::GenerateRequest& r) { r.clear_latent_shape(); }, "latent_shape"},
+      {[](pb::GenerateRequest& r) { (*r.mutable_inputs())["bogus"] = ToProto(torch::ones({1})); },
+       "inputs['bogus']"},
+      {[](pb::GenerateRequest& r) { r.mutable_inputs()->erase("txt_ids"); }, "inputs['txt_ids']"},
+      {[](pb::GenerateRequest& r) { (*r.mutable_inputs())["txt_ids"].mutable_data()->resize(3); },
+       "inputs['txt_ids'].data"},
+      {[](pb::GenerateRequest& r) { r.add_adapters()->set_weight(1); }, "adapters[0].name"},
+      {[](pb::GenerateRequest& r) {
+         (*r.mutable_inputs())["encoder_hidden_states"] = ToProto(torch::ones({1, 8, 31}));
+       },
+       "encoder_hidden_states"},
+  };
+  for (const Bad& b : bad) {
+    pb::GenerateRequest r = MakeRequest("default", inputs, 16, 1);
+    b.mutate(r);
+    o = Generate(*stub_, r);
+    EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << b.field;
+    EXPECT_THAT(o.status.error_message(), HasSubstr(b.field));
+  }
+
+  // Management without a token, with a wrong one.
+  pb::LoadLoRARequest load;
+  load.set_name("x");
+  load.set_path("x.safetensors");
+  pb::LoadLoRAResponse resp;
+  grpc::Status s = stub_->LoadLoRA(Context().get(), load, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  s = stub_->LoadLoRA(Context(60, true, "wrong-token-0123456789abc").get(), load, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << s.error_message();
+  pb::UnloadModelRequest unload;
+  unload.set_name("default");
+  pb::UnloadModelResponse unloaded;
+  EXPECT_EQ(stub_->UnloadModel(Context().get(), unload, &unloaded).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+
+  // Paths escaping the roots: traversal and a symlink (the target exists, outside the root).
+  const std::string outside = tmp_.File("outside.safetensors");
+  std::ofstream(outside) << "not a lora";
+  fs::create_symlink(outside, fs::path(adapters_) / "escape.safetensors");
+  fs::create_directory_symlink(tmp_.path(), fs::path(models_) / "escape-dir");
+  for (const std::string path : {"../../etc/passwd", "escape.safetensors", "/etc/passwd"}) {
+    load.set_path(path);
+    s = stub_->LoadLoRA(Context(60, true).get(), load, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << path << s.error_message();
+  }
+  pb::LoadSingleFileRequest single;
+  single.set_name("evil");
+  pb::LoadSingleFileResponse single_resp;
+  for (const std::string path : {"../../etc/passwd", "escape-dir/outside.safetensors"}) {
+    single.set_path(path);
+    s = stub_->LoadSingleFile(Context(60, true).get(), single, &single_resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << path << s.error_message();
+  }
+  // A missing file inside the root; a file that is no LoRA.
+  load.set_path("missing.safetensors");
+  EXPECT_EQ(stub_->LoadLoRA(Context(60, true).get(), load, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  std::ofstream(adapters_ + "/junk.safetensors") << "junk";
+  load.set_path("junk.safetensors");
+  EXPECT_EQ(stub_->LoadLoRA(Context(60, true).get(), load, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  load.clear_source();
+  s = stub_->LoadLoRA(Context(60, true).get(), load, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("source"));
+  single.set_path("x");
+  single.set_name("bad name!");
+  s = stub_->LoadSingleFile(Context(60, true).get(), single, &single_resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("name"));
+}
+
+TEST_F(ServerTest, QueueFullDeadlineAndCancelStopWithinOneStep) {
+  StartServer({"--workers=1", "--queue_capacity=1", "--max_steps=1000000"});
+  const TensorMap inputs = FluxInputs(32, 32, 5);
+  const pb::GenerateRequest slow = MakeRequest("default", inputs, 16, 1000000);
+  const pb::GenerateRequest quick = MakeRequest("default", inputs, 16, 1);
+
+  // One running, one queued, the third is refused at once.
+  std::atomic<bool> running{false};
+  auto first_ctx = Context(60);
+  Outcome first, second;
+  std::thread t1([&] {
+    first =
+        Generate(*stub_, slow, first_ctx.get(), [&](grpc::ClientContext&, int) { running = true; });
+  });
+  const auto wait_start = Clock::now();
+  while (!running && Since(wait_start) < 30)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_TRUE(running.load());
+  auto second_ctx = Context(60);
+  auto second_stub = server_->Stub();
+  std::thread t2([&] {
+    auto reader = second_stub->Generate(second_ctx.get(), slow);
+    pb::GenerateResponse m;
+    while (reader->Read(&m)) {
+    }
+    second.status = reader->Finish();
+  });
+  // Once the second is queued (the server's queue-depth gauge says so), a third is refused.
+  const auto queued_start = Clock::now();
+  while (!absl::StrContains(HttpGet(server_->metrics_port(), "/metrics"),
+                            "diffusion_queue_depth{device=\"cpu\"} 1") &&
+         Since(queued_start) < 20) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const auto t3_start = Clock::now();
+  const Outcome third = Generate(*stub_, quick, 10);
+  EXPECT_EQ(third.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << third.status.error_message();
+  EXPECT_THAT(third.status.error_message(), HasSubstr("queue is full"));
+  EXPECT_LT(Since(t3_start), 5.0);
+
+  // Client cancellation: the running request stops within one step, the queued one after it.
+  const auto cancel_at = Clock::now();
+  first_ctx->TryCancel();
+  second_ctx->TryCancel();
+  t1.join();
+  t2.join();
+  EXPECT_EQ(first.status.error_code(), grpc::StatusCode::CANCELLED) << first.status.error_message();
+  EXPECT_EQ(second.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_GT(first.progress.size(), 0u);
+  // The single worker is free again: a quick request runs at once.
+  Outcome after;
+  do {
+    after = Generate(*stub_, quick, 10);
+  } while (after.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED &&
+           Since(cancel_at) < 10);
+  EXPECT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_LT(Since(cancel_at), 2.0) << "the cancelled worker kept running";
+
+  // Deadline: many steps, 300 ms.
+  const auto deadline_start = Clock::now();
+  const Outcome late = Generate(*stub_, slow, 0.3);
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_GT(late.progress.size(), 0u);
+  after = Generate(*stub_, quick, 10);
+  EXPECT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_LT(Since(deadline_start), 2.3) << "the worker kept running past the deadline";
+
+  // The server saw and counted them, and its worker logged where it stopped.
+  const std::string metrics = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("diffusion_requests_total{code=\"CANCELLED\",model=\"default\","
+                                 "rpc=\"Generate\"} 2"));
+  EXPECT_THAT(metrics, HasSubstr("diffusion_requests_total{code=\"RESOURCE_EXHAUSTED\","
+                                 "model=\"default\",rpc=\"Generate\"}"));
+  EXPECT_THAT(metrics, HasSubstr("diffusion_requests_total{code=\"DEADLINE_EXCEEDED\","
+                                 "model=\"default\",rpc=\"Generate\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("diffusion_denoise_step_seconds_count{model=\"default\"}"));
+  EXPECT_THAT(server_->Stderr(), HasSubstr("cancelled after step"));
+}
+
+TEST_F(ServerTest, HealthReflectionAndMetrics) {
+  StartServer();
+  auto health = grpc::health::v1::Health::NewStub(server_->NewChannel());
+  for (const std::string service : {"", "default"}) {
+    HealthCheckRequest req;
+    req.set_service(service);
+    HealthCheckResponse resp;
+    ASSERT_TRUE(health->Check(Context().get(), req, &resp).ok()) << service;
+    EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING) << service;
+  }
+  HealthCheckRequest unknown;
+  unknown.set_service("no-such-model");
+  HealthCheckResponse resp;
+  EXPECT_EQ(health->Check(Context().get(), unknown, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  {
+    grpc::ClientContext ctx;
+    HealthCheckRequest req;
+    req.set_service("default");
+    auto watch = health->Watch(&ctx, req);
+    ASSERT_TRUE(watch->Read(&resp));
+    EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING);
+    ctx.TryCancel();
+    (void)watch->Finish();
+  }
+
+  // Reflection lists the services and serves the API's file descriptor.
+  auto reflection = grpc::reflection::v1alpha::ServerReflection::NewStub(server_->NewChannel());
+  grpc::ClientContext ctx;
+  auto stream = reflection->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest list;
+  list.set_list_services("");
+  ASSERT_TRUE(stream->Write(list));
+  grpc::reflection::v1alpha::ServerReflectionResponse answer;
+  ASSERT_TRUE(stream->Read(&answer));
+  std::vector<std::string> services;
+  for (const auto& s : answer.list_services_response().service()) services.push_back(s.name());
+  EXPECT_THAT(services, Contains("diffusion.v1.DiffusionService"));
+  EXPECT_THAT(services, Contains("grpc.health.v1.Health"));
+  grpc::reflection::v1alpha::ServerReflectionRequest symbol;
+  symbol.set_file_containing_symbol("diffusion.v1.DiffusionService");
+  ASSERT_TRUE(stream->Write(symbol));
+  ASSERT_TRUE(stream->Read(&answer));
+  ASSERT_GT(answer.file_descriptor_response().file_descriptor_proto_size(), 0);
+  EXPECT_THAT(answer.file_descriptor_response().file_descriptor_proto(0),
+              HasSubstr("diffusion/v1/diffusion.proto"));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+
+  // Prometheus text on the metrics port, counting the calls above.
+  pb::ListModelsResponse models;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &models).ok());
+  const std::string metrics = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("200 OK"));
+  EXPECT_THAT(metrics, HasSubstr("diffusion_requests_total{code=\"OK\",model=\"\","
+                                 "rpc=\"ListModels\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("diffusion_process_resident_memory_bytes"));
+}
+
+TEST_F(ServerTest, TlsWhenGivenACertificateAndKey) {
+  const std::string cert = tmp_.File("cert.pem"), key = tmp_.File("key.pem");
+  const std::string cmd = absl::StrCat(
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+      "-addext subjectAltName=IP:127.0.0.1 -keyout ",
+      key, " -out ", cert, " >/dev/null 2>&1");
+  if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "no openssl command to make a certificate";
+  StartServer({"--tls_cert=" + cert, "--tls_key=" + key});
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = test::ReadFileBytes(cert);
+  auto secure = pb::DiffusionService::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->port()), grpc::SslCredentials(ssl)));
+  pb::ListModelsResponse list;
+  grpc::Status s = secure->ListModels(Context().get(), {}, &list);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(list.models_size(), 1);
+  // A plaintext client cannot talk to it.
+  EXPECT_EQ(stub_->ListModels(Context(5).get(), {}, &list).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // A certificate without its key is a start-up error.
+  ServerProcess half({"--tls_cert=" + cert});
+  EXPECT_FALSE(half.ok());
+  EXPECT_NE(half.WaitExit(10), 0);
+  EXPECT_THAT(half.Stderr(), HasSubstr("--tls_key"));
+}
+
+TEST_F(ServerTest, ManagementWithoutTokenConfigIsRefusedAndSigtermDrains) {
+  // No --admin_token_file and no --insecure_allow_management.
+  server_ = std::make_unique<ServerProcess>(
+      std::vector<std::string>{"--adapter_root=" + adapters_, "--grace_period_s=20"});
+  ASSERT_TRUE(server_->ok()) << server_->Stderr();
+  stub_ = server_->Stub();
+  pb::LoadLoRARequest load;
+  load.set_name("x");
+  load.set_inline_bytes("x");
+  pb::LoadLoRAResponse resp;
+  for (bool with_token : {false, true}) {
+    grpc::Status s = stub_->LoadLoRA(Context(60, with_token).get(), load, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("--admin_token_file"));
+  }
+
+  // SIGTERM during a running Generate: the stream completes, new calls are refused, exit 0.
+  const TensorMap inputs = FluxInputs(32, 32, 13);
+  const pb::GenerateRequest req = MakeRequest("default", inputs, 16, 1000);
+  std::atomic<bool> started{false}, done{false};
+  Outcome running;
+  std::thread t([&] {
+    running = Generate(*stub_, req, 60, [&](grpc::ClientContext&, int) { started = true; });
+    done = true;
+  });
+  const auto wait_start = Clock::now();
+  while (!started && !done && Since(wait_start) < 30) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  if (!started) {
+    t.join();
+    FAIL() << "Generate did not start: " << running.status.error_message();
+  }
+  // A health watcher sees the drain.
+  auto health = grpc::health::v1::Health::NewStub(server_->NewChannel());
+  grpc::ClientContext watch_ctx;
+  HealthCheckRequest watch_req;
+  watch_req.set_service("default");
+  auto watch = health->Watch(&watch_ctx, watch_req);
+  HealthCheckResponse h;
+  ASSERT_TRUE(watch->Read(&h));
+  EXPECT_EQ(h.status(), HealthCheckResponse::SERVING);
+  const auto sigterm_at = Clock::now();
+  server_->Signal(SIGTERM);
+  ASSERT_TRUE(watch->Read(&h));
+  EXPECT_EQ(h.status(), HealthCheckResponse::NOT_SERVING);
+  // New calls are refused (on a new connection and on the existing one) while it drains.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  pb::ListModelsResponse list;
+  grpc::Status refused = server_->Stub()->ListModels(Context(5).get(), {}, &list);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  refused = stub_->ListModels(Context(5).get(), {}, &list);
+  EXPECT_FALSE(refused.ok());
+  t.join();
+  ASSERT_TRUE(running.status.ok()) << running.status.error_message();
+  EXPECT_EQ(running.progress.size(), 1000u);
+  ASSERT_TRUE(running.result.has_value());
+  EXPECT_EQ(running.result->steps(), 1000);
+  EXPECT_EQ(server_->WaitExit(30), 0) << server_->Stderr();
+  // Drained as soon as the running call finished (an open Watch does not hold the 20 s grace).
+  EXPECT_LT(Since(sigterm_at), 10.0);
+  watch_ctx.TryCancel();
+  (void)watch->Finish();
+}
+
+}  // namespace
+}  // namespace ds
