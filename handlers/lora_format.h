@@ -258,6 +258,10 @@ struct LoraLoadOptions {
   // Accept keys the conversion could not use and target modules/parameters the model lacks; they
   // are dropped and listed in the report. Default: any of them is INVALID_ARGUMENT.
   bool allow_partial = false;
+  // Scan every tensor for NaN/Inf (INVALID_ARGUMENT naming the module). A caller that copies the
+  // tensors anyway (LoraHost) turns this off and checks each copy while it is still in cache,
+  // which saves a full pass over the file.
+  bool check_finite = true;
 };
 
 // A module whose input width the LoRA widens (base weight padded with zero columns).
@@ -303,7 +307,7 @@ KeyShapes ParameterShapes(const TensorMap& params);
 // module needs a parameter "<module>.weight" of shape [out, in] with A [r, in] (or a wider in for
 // an input_expandable module) and B [out, r], r > 0, a bias of [out], finite values and a finite
 // scale, and appears once; every overlay needs an existing parameter of the same shape and finite
-// values. Problems are collected into one INVALID_ARGUMENT naming each module with expected and
+// values (the finiteness scans only with options.check_finite). Problems are collected into one INVALID_ARGUMENT naming each module with expected and
 // got shapes. Unused keys and targets the model lacks are INVALID_ARGUMENT listing them unless
 // options.allow_partial, which records them in the report's `unmatched`; a LoRA that matches
 // nothing is INVALID_ARGUMENT either way. Does not change `lora`.

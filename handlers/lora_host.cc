@@ -37,25 +37,35 @@ absl::Status ValidateName(const std::string& name) {
   return absl::OkStatus();
 }
 
-// A copy of `t` in the model's dtype and device that owns its memory (never a view of the file).
-// INVALID_ARGUMENT when a finite value does not fit the model dtype (e.g. > 65504 in float16).
+// A copy of `t` in the model's dtype and device that owns its memory (never a view of the file),
+// checked for NaN/Inf while the copy is still in cache (one pass over the file's bytes instead of
+// a separate scan; ValidateLora skips its own scan for this reason). A same-dtype CPU copy is a
+// plain memcpy on the calling thread: no intra-op thread pool, which stalls under contention.
+// INVALID_ARGUMENT when the source holds NaN/Inf, or when a finite value does not fit the model
+// dtype (e.g. > 65504 in float16).
 absl::StatusOr<torch::Tensor> Materialize(const torch::Tensor& t, const ModelOptions& o,
                                           const std::string& what) {
   if (!t.defined()) return t;
   ASSIGN_OR_RETURN(torch::Tensor out, TorchCall("LoRA tensor copy", [&] {
+                     if (t.is_cpu() && o.device.is_cpu() && t.scalar_type() == o.dtype &&
+                         t.is_contiguous()) {
+                       torch::Tensor copy = torch::empty(t.sizes(), t.options());
+                       if (t.numel() > 0) {
+                         std::memcpy(copy.data_ptr(), t.data_ptr(),
+                                     static_cast<size_t>(t.numel()) * t.element_size());
+                       }
+                       return copy;
+                     }
                      return t.to(o.device, o.dtype, /*non_blocking=*/false, /*copy=*/true)
                          .contiguous();
                    }));
-  // The source was checked finite (ValidateLora); only a narrowing conversion can overflow.
-  const bool narrowing = static_cast<int64_t>(c10::elementSize(o.dtype)) < t.element_size() ||
-                         (o.dtype == torch::kHalf && t.scalar_type() == torch::kBFloat16);
-  if (!narrowing) return out;
   ASSIGN_OR_RETURN(bool finite, AllFinite(out));
-  if (!finite) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": a value overflows the model dtype ", c10::toString(o.dtype)));
-  }
-  return out;
+  if (finite) return out;
+  // Widening and same-type copies keep NaN/Inf as they are; only a narrowing one can create Inf.
+  ASSIGN_OR_RETURN(bool source_finite, AllFinite(t));
+  if (!source_finite) return absl::InvalidArgumentError(what + " contains NaN or Inf values");
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, ": a value overflows the model dtype ", c10::toString(o.dtype)));
 }
 
 int64_t Bytes(const torch::Tensor& t) {
@@ -93,7 +103,7 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
   }
   ASSIGN_OR_RETURN(LoadedLora loaded,
                    LoadLora(path, *handler_, param_shapes_,
-                            LoraLoadOptions{.allow_partial = options.allow_partial}));
+                            LoraLoadOptions{.allow_partial = options.allow_partial, .check_finite = false}));
   if (!options.format_hint.empty() && loaded.lora.format != options.format_hint) {
     return absl::InvalidArgumentError(
         absl::StrCat("LoRA ", path, " is in format '", loaded.lora.format,
@@ -107,16 +117,17 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
   const ModelOptions& mo = model_->options();
   for (const LoraModule& m : loaded.lora.modules) {
     LoraModule copy = m;
-    const std::string what = absl::StrCat(path, ": module ", m.module);
-    ASSIGN_OR_RETURN(copy.down, Materialize(m.down, mo, what + " lora_A"));
-    ASSIGN_OR_RETURN(copy.up, Materialize(m.up, mo, what + " lora_B"));
-    ASSIGN_OR_RETURN(copy.bias, Materialize(m.bias, mo, what + " lora_B bias"));
+    const std::string what = absl::StrCat("LoRA '", path, "': module ", m.module);
+    ASSIGN_OR_RETURN(copy.down, Materialize(m.down, mo, what + ": lora_A"));
+    ASSIGN_OR_RETURN(copy.up, Materialize(m.up, mo, what + ": lora_B"));
+    ASSIGN_OR_RETURN(copy.bias, Materialize(m.bias, mo, what + ": lora_B bias"));
     adapter->bytes += Bytes(copy.down) + Bytes(copy.up) + Bytes(copy.bias);
     adapter->modules.push_back(std::move(copy));
   }
   for (const LoraOverlay& o : loaded.lora.overlays) {
     LoraOverlay copy = o;
-    ASSIGN_OR_RETURN(copy.value, Materialize(o.value, mo, absl::StrCat(path, ": ", o.param)));
+    ASSIGN_OR_RETURN(copy.value, Materialize(o.value, mo,
+                                             absl::StrCat("LoRA '", path, "': parameter ", o.param)));
     adapter->bytes += Bytes(copy.value);
     adapter->overlays.push_back(std::move(copy));
   }
