@@ -10,7 +10,16 @@ PACKAGES=(
   libgrpc++-dev libssl-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libpng-dev
 )
+# The client tests (clients/): Debian's gRPC for Python (stubs come from protoc +
+# grpc_python_plugin above), Node.js and npm. A node/npm already on PATH is used as it is
+# (NodeSource's nodejs bundles npm and conflicts with Debian's npm package).
+PACKAGES+=(python3-grpcio python3-protobuf)
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
+# tests/prometheus_test: a real Prometheus server scrapes diffusion-server's metrics port.
+PACKAGES+=(prometheus)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
