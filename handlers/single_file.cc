@@ -36,6 +36,12 @@ std::string SourcesOf(const SingleFileInspection& in, const std::string& target)
   return absl::StrJoin(keys, " + ");
 }
 
+// Whether a recipe's target is a view of its source (no copy).
+bool IsView(TensorRecipe::Op op) {
+  return op == TensorRecipe::Op::kCopy || op == TensorRecipe::Op::kRows ||
+         op == TensorRecipe::Op::kReshape;
+}
+
 }  // namespace
 
 std::string SingleFileReport::ToString() const {
@@ -102,6 +108,28 @@ absl::StatusOr<SingleFileInspection> InspectSingleFile(const std::string& path,
     }
     if (det->has_value()) matches.emplace_back(spec, **det);
   }
+  // Models that checkpoints bundle as components (a VAE under "vae."): probed on the keys under
+  // their prefix only when nothing matched and the file is asked for as that model or consists of
+  // that component alone (see WeightMappingHandler::ComponentPrefixes).
+  if (matches.empty()) {
+    for (const ModelSpec* spec : candidates) {
+      for (const std::string& prefix : spec->weight_mapping->ComponentPrefixes()) {
+        SingleFileKeys component = SplitComponentKeys(shapes, prefix);
+        if (component.model_keys.empty()) continue;
+        if (options.model_class.empty() && !component.bundled.empty()) continue;
+        auto det = spec->weight_mapping->Detect(component.model_keys);
+        if (!det.ok()) {
+          return Annotate(det.status(), absl::StrCat(path, " (", spec->class_name,
+                                                     " format under '", prefix, "')"));
+        }
+        if (det->has_value()) {
+          matches.emplace_back(spec, **det);
+          in.keys = std::move(component);
+          break;
+        }
+      }
+    }
+  }
   if (matches.size() != 1) {
     std::vector<std::string> described, found;
     for (const ModelSpec* spec : candidates) {
@@ -166,8 +194,7 @@ absl::StatusOr<SingleFileInspection> InspectSingleFile(const std::string& path,
   for (const auto& t : file->header().tensors) source_bytes[t.name] = t.end - t.begin;
   std::set<std::string> read;
   for (const auto& [target, recipe] : in.plan) {
-    r.tensors_zero_copy +=
-        recipe.op == TensorRecipe::Op::kCopy || recipe.op == TensorRecipe::Op::kRows;
+    r.tensors_zero_copy += IsView(recipe.op);
     for (const auto& s : recipe.sources) {
       if (read.insert(s).second) r.bytes += source_bytes[in.keys.source.at(s)];
     }
@@ -204,6 +231,8 @@ absl::StatusOr<TensorMap> ExecuteMappingPlan(const MappingPlan& plan, const Tens
                                return s.narrow(0, recipe.row_begin, recipe.row_count);
                              case TensorRecipe::Op::kConcatRows:
                                return torch::cat(src, 0);
+                             case TensorRecipe::Op::kReshape:
+                               return s.reshape(recipe.shape);
                              case TensorRecipe::Op::kSwapHalves: {
                                TORCH_CHECK(s.dim() > 0 && s.size(0) % 2 == 0, "odd row count ",
                                            s.size(0));
@@ -294,8 +323,7 @@ absl::StatusOr<LoadedSingleFile> LoadSingleFile(const std::string& path,
           src.is_contiguous()) {
         dst.set_data(src);
         // Views of the file mapping count as zero copy; rearranged tensors were built once above.
-        const auto op = in.plan.at(item.key()).op;
-        zero_copy += op == TensorRecipe::Op::kCopy || op == TensorRecipe::Op::kRows;
+        zero_copy += IsView(in.plan.at(item.key()).op);
       } else {
         dst.copy_(src);
       }

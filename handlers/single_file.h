@@ -63,7 +63,10 @@ struct SingleFileInspection {
   SingleFileReport report;
 };
 
-// Reads only the header. NOT_FOUND for a missing file; INVALID_ARGUMENT for a corrupt header, no or
+// Reads only the header. When no registered model recognises the file's own keys, models that
+// checkpoints bundle as components are probed on the keys under their prefixes (see
+// WeightMappingHandler::ComponentPrefixes). NOT_FOUND for a missing file; INVALID_ARGUMENT for a
+// corrupt header, no or
 // several matching models (listing the candidates and the marker keys found), or a file that is
 // the detected model's format but inconsistent (the key at fault named).
 absl::StatusOr<SingleFileInspection> InspectSingleFile(const std::string& path,

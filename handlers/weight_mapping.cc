@@ -81,6 +81,23 @@ SingleFileKeys SplitSingleFileKeys(const KeyShapes& keys) {
   return out;
 }
 
+SingleFileKeys SplitComponentKeys(const KeyShapes& keys, const std::string& prefix) {
+  SingleFileKeys out;
+  out.prefix = prefix;
+  for (const auto& [key, shape] : keys) {
+    if (!prefix.empty() && StartsWith(key, prefix)) {
+      const std::string stripped = key.substr(prefix.size());
+      out.model_keys[stripped] = shape;
+      out.source[stripped] = key;
+    } else {
+      std::string reason = BundledReason(key);
+      out.bundled[key] =
+          reason.empty() ? absl::StrCat("outside the component prefix '", prefix, "'") : reason;
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<int64_t>> PlannedShape(const TensorRecipe& recipe,
                                                   const KeyShapes& sources) {
   if (recipe.sources.empty()) return absl::InvalidArgumentError("recipe has no source tensor");
@@ -112,6 +129,21 @@ absl::StatusOr<std::vector<int64_t>> PlannedShape(const TensorRecipe& recipe,
                                                        ": cannot swap halves of an odd row count"));
       }
       return out;
+    case TensorRecipe::Op::kReshape: {
+      int64_t from = 1, to = 1;
+      bool valid = true;
+      for (int64_t d : out) from *= d;
+      for (int64_t d : recipe.shape) {
+        valid = valid && d >= 0;
+        to *= d;
+      }
+      if (!valid || from != to) {
+        return absl::InvalidArgumentError(absl::StrCat("key '", first, "' ", ShapeString(out),
+                                                       " cannot be viewed as ",
+                                                       ShapeString(recipe.shape)));
+      }
+      return recipe.shape;
+    }
     case TensorRecipe::Op::kConcatRows:
       if (out.empty()) {
         return absl::InvalidArgumentError(absl::StrCat("key '", first, "' is a scalar"));

@@ -28,11 +28,14 @@ struct TensorRecipe {
     kRows,        // target = sources[0][row_begin : row_begin + row_count]
     kConcatRows,  // target = cat(sources, dim 0)
     kSwapHalves,  // target = cat(second half, first half) of sources[0] along dim 0
+    kReshape,     // target = sources[0] viewed as `shape` (same element count; e.g. a 1x1 conv
+                  // weight [C, C, 1, 1] as a linear weight [C, C])
   };
   Op op = Op::kCopy;
   std::vector<std::string> sources;
   int64_t row_begin = 0;
   int64_t row_count = 0;
+  std::vector<int64_t> shape;  // kReshape only
 };
 
 // Target key -> recipe.
@@ -60,6 +63,11 @@ const std::vector<std::string>& KnownModelPrefixes();
 // (`vae.`, `first_stage_model.`, `text_encoders.`, `cond_stage_model.`, `conditioner.`, ...) are
 // bundled and the rest are the model's.
 SingleFileKeys SplitSingleFileKeys(const KeyShapes& keys);
+
+// Splits `keys` for a model that single files bundle under `prefix` (e.g. a VAE under "vae." or
+// "first_stage_model."): keys under `prefix` are the model's (prefix stripped), every other key is
+// bundled (its bundled-component reason, or "outside the component prefix '<prefix>'").
+SingleFileKeys SplitComponentKeys(const KeyShapes& keys, const std::string& prefix);
 
 // What a handler recognised in a checkpoint.
 struct WeightMappingDetection {
@@ -97,6 +105,13 @@ class WeightMappingHandler {
 
   // Plans the reverse conversion (diffusers naming -> original), which round-trips exactly.
   virtual absl::StatusOr<MappingPlan> PlanFromDiffusers(const KeyShapes& keys) const = 0;
+
+  // Prefixes under which checkpoints bundle this model as a component of another (a VAE under
+  // "vae." / "first_stage_model."). The single-file loader probes the keys under such a prefix
+  // (stripped) when the file is asked for as this model, or when every key of the file carries the
+  // prefix; never otherwise, so an all-in-one checkpoint still resolves to its main model.
+  // Default: none.
+  virtual std::vector<std::string> ComponentPrefixes() const { return {}; }
 };
 
 }  // namespace ds
