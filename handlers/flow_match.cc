@@ -19,16 +19,6 @@ std::string ShapeString(const torch::Tensor& t) {
 
 }  // namespace
 
-std::vector<double> FlowMatchEulerSigmas(int steps) {
-  std::vector<double> sigmas;
-  if (steps < 1) return sigmas;
-  sigmas.reserve(static_cast<size_t>(steps) + 1);
-  for (int i = 0; i <= steps; ++i) {
-    sigmas.push_back(1.0 - static_cast<double>(i) / static_cast<double>(steps));
-  }
-  return sigmas;
-}
-
 absl::StatusOr<torch::Tensor> SeededNoise(const std::vector<int64_t>& shape, uint64_t seed,
                                           torch::Dtype dtype, torch::Device device) {
   if (shape.empty()) return absl::InvalidArgumentError("noise shape is empty");
@@ -46,11 +36,14 @@ absl::StatusOr<torch::Tensor> SeededNoise(const std::vector<int64_t>& shape, uin
 }
 
 absl::StatusOr<torch::Tensor> DenoiseFlowMatchEuler(const LoraHost& host, TensorMap inputs,
-                                                    torch::Tensor latents, int steps,
+                                                    torch::Tensor latents,
+                                                    const FlowMatchEulerScheduler& scheduler,
                                                     const AdapterStack* stack,
-                                                    const DenoiseStepCallback& on_step) {
+                                                    const DenoiseStepCallback& on_step,
+                                                    const DenoiseLatentsObserver& on_latents) {
+  const int steps = static_cast<int>(scheduler.num_inference_steps());
   if (steps < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("steps must be at least 1, got ", steps));
+    return absl::InvalidArgumentError("the scheduler has no timesteps (SetTimesteps not called)");
   }
   if (!latents.defined() || !latents.is_floating_point() || latents.dim() < 1 ||
       latents.size(0) < 1) {
@@ -68,12 +61,17 @@ absl::StatusOr<torch::Tensor> DenoiseFlowMatchEuler(const LoraHost& host, Tensor
   ASSIGN_OR_RETURN(torch::Tensor x, TorchCall("moving latents to the model", [&] {
                      return latents.to(mo.device, mo.dtype).contiguous();
                    }));
-  const std::vector<double> sigmas = FlowMatchEulerSigmas(steps);
+  const std::vector<float>& timesteps = scheduler.timesteps();
   if (on_step) RETURN_IF_ERROR(on_step(0, steps));
   for (int i = 0; i < steps; ++i) {
+    // FluxPipeline: t.expand(batch).to(latents.dtype) / 1000, divided in the latents' dtype on
+    // the model's device (as diffusers does it there).
     ASSIGN_OR_RETURN(inputs["timestep"], TorchCall("timestep", [&] {
-                       return torch::full({batch}, sigmas[i],
-                                          torch::TensorOptions().dtype(mo.dtype).device(mo.device));
+                       return torch::full(
+                                  {batch}, timesteps[static_cast<size_t>(i)],
+                                  torch::TensorOptions().dtype(torch::kFloat32).device(mo.device))
+                           .to(mo.dtype)
+                           .div(1000);
                      }));
     inputs["hidden_states"] = x;
     ASSIGN_OR_RETURN(torch::Tensor v, host.Forward(inputs, stack));
@@ -82,14 +80,27 @@ absl::StatusOr<torch::Tensor> DenoiseFlowMatchEuler(const LoraHost& host, Tensor
           host.model().class_name(), " predicts shape ", ShapeString(v), " for latents of shape ",
           ShapeString(x), "; this sampler needs the output shaped like its input"));
     }
-    const double dt = sigmas[i + 1] - sigmas[i];
-    ASSIGN_OR_RETURN(x, TorchCall("Euler step", [&] {
-                       torch::InferenceMode guard;
-                       return (x.to(torch::kFloat32) + dt * v.to(torch::kFloat32)).to(mo.dtype);
-                     }));
+    ASSIGN_OR_RETURN(x, scheduler.Step(v, i, x));
+    if (on_latents) on_latents(i, x);
     if (on_step) RETURN_IF_ERROR(on_step(i + 1, steps));
   }
   return x;
+}
+
+absl::StatusOr<torch::Tensor> DenoiseFlowMatchEuler(const LoraHost& host, TensorMap inputs,
+                                                    torch::Tensor latents, int steps,
+                                                    const AdapterStack* stack,
+                                                    const DenoiseStepCallback& on_step) {
+  if (steps < 1 || steps > FlowMatchEulerScheduler::kMaxInferenceSteps) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "steps must be in [1, ", FlowMatchEulerScheduler::kMaxInferenceSteps, "], got ", steps));
+  }
+  ASSIGN_OR_RETURN(FlowMatchEulerScheduler scheduler,
+                   FlowMatchEulerScheduler::Create(FlowMatchEulerConfig()));
+  // The default config is static, so the image sequence length (mu) plays no part.
+  RETURN_IF_ERROR(scheduler.SetTimestepsLikeFluxPipeline(steps, /*image_seq_len=*/1));
+  return DenoiseFlowMatchEuler(host, std::move(inputs), std::move(latents), scheduler, stack,
+                               on_step);
 }
 
 }  // namespace ds

@@ -74,12 +74,6 @@ Fixture Make(double w, bool wrong_output_shape = false) {
   return f;
 }
 
-TEST(FlowMatchTest, Sigmas) {
-  EXPECT_THAT(FlowMatchEulerSigmas(2), ElementsAre(1.0, 0.5, 0.0));
-  EXPECT_THAT(FlowMatchEulerSigmas(4), ElementsAre(1.0, 0.75, 0.5, 0.25, 0.0));
-  EXPECT_TRUE(FlowMatchEulerSigmas(0).empty());
-}
-
 TEST(FlowMatchTest, TwoStepsMatchTheHandComputedEulerUpdate) {
   const double w = 0.5, c = 0.25;
   Fixture f = Make(w);
@@ -94,7 +88,8 @@ TEST(FlowMatchTest, TwoStepsMatchTheHandComputedEulerUpdate) {
     return absl::OkStatus();
   });
   ASSERT_TRUE(out.ok()) << out.status();
-  // sigmas 1, 0.5, 0: x1 = x0 - 0.5 (w x0 + 1 + c); x2 = x1 - 0.5 (w x1 + 0.5 + c).
+  // The default schedule for 2 steps (FluxPipeline's linspace(1, 1/2, 2), shift 1) has sigmas
+  // 1, 0.5, 0: x1 = x0 - 0.5 (w x0 + 1 + c); x2 = x1 - 0.5 (w x1 + 0.5 + c).
   const torch::Tensor x1 = x0 - 0.5 * (w * x0 + 1.0 + c);
   const torch::Tensor x2 = x1 - 0.5 * (w * x1 + 0.5 + c);
   // Element 0 by hand: x1 = 1 - 0.5 (0.5 + 1.25) = 0.125; x2 = 0.125 - 0.5 (0.0625 + 0.75).
@@ -105,6 +100,51 @@ TEST(FlowMatchTest, TwoStepsMatchTheHandComputedEulerUpdate) {
   EXPECT_TRUE(torch::equal(f.model->timesteps[0], torch::full({2}, 1.0f)));
   EXPECT_TRUE(torch::equal(f.model->timesteps[1], torch::full({2}, 0.5f)));
   EXPECT_THAT(calls, ElementsAre(std::make_pair(0, 2), std::make_pair(1, 2), std::make_pair(2, 2)));
+}
+
+// With a configured scheduler the model sees timesteps[i] / 1000 and the latents follow
+// x <- x + (sigma_{i+1} - sigma_i) v with the scheduler's sigmas; the observer sees each step.
+TEST(FlowMatchTest, FollowsTheSchedulersSigmasAndTimesteps) {
+  const double w = -0.25, c = 0.5;
+  Fixture f = Make(w);
+  auto scheduler = FlowMatchEulerScheduler::Create(FlowMatchEulerConfig::FluxDev());
+  ASSERT_TRUE(scheduler.ok());
+  ASSERT_TRUE(scheduler->SetTimestepsLikeFluxPipeline(3, /*image_seq_len=*/1024).ok());
+  const torch::Tensor x0 = torch::linspace(-1.0, 2.0, 12).view({2, 3, 2});
+  TensorMap inputs = {{"conditioning", torch::full({1}, c)}};
+  std::vector<torch::Tensor> seen;
+  auto out = DenoiseFlowMatchEuler(*f.host, inputs, x0, *scheduler, nullptr, nullptr,
+                                   [&](int step, const torch::Tensor& x) {
+                                     EXPECT_EQ(step, static_cast<int>(seen.size()));
+                                     seen.push_back(x.clone());
+                                   });
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(seen.size(), 3u);
+  ASSERT_EQ(f.model->timesteps.size(), 3u);
+  torch::Tensor x = x0;
+  for (int i = 0; i < 3; ++i) {
+    const torch::Tensor t = torch::full({2}, scheduler->timesteps()[i]) / 1000;
+    EXPECT_TRUE(torch::equal(f.model->timesteps[i], t)) << i;
+    const torch::Tensor v = w * x + t.view({-1, 1, 1}) + c;
+    x = x + (scheduler->sigmas()[i + 1] - scheduler->sigmas()[i]) * v;
+    EXPECT_TRUE(torch::allclose(seen[i], x, 1e-6, 1e-6)) << i;
+  }
+  EXPECT_TRUE(torch::equal(*out, seen.back()));
+  // A shifted schedule is not the unshifted one: the first step is shorter.
+  EXPECT_LT(scheduler->sigmas()[0] - scheduler->sigmas()[1], 1.0f / 3.0f);
+
+  // The steps overload is the default-config scheduler set like FluxPipeline.
+  auto plain = FlowMatchEulerScheduler::Create(FlowMatchEulerConfig());
+  ASSERT_TRUE(plain->SetTimestepsLikeFluxPipeline(3, 1).ok());
+  auto a = DenoiseFlowMatchEuler(*f.host, inputs, x0, 3, nullptr, nullptr);
+  auto b = DenoiseFlowMatchEuler(*f.host, inputs, x0, *plain, nullptr, nullptr);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_TRUE(torch::equal(*a, *b));
+  EXPECT_FALSE(torch::equal(*a, *out));
+  // A scheduler without timesteps is refused.
+  auto unset = FlowMatchEulerScheduler::Create(FlowMatchEulerConfig());
+  EXPECT_EQ(DenoiseFlowMatchEuler(*f.host, inputs, x0, *unset, nullptr, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(FlowMatchTest, CallbackErrorStopsWithinOneStep) {
