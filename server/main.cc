@@ -17,6 +17,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "handlers/flow_match_scheduler.h"
 #include "handlers/threads.h"
 #include "server/auth.h"
 #include "server/logging.h"
@@ -142,6 +143,11 @@ int main(int argc, char** argv) {
   if (options.max_steps < 1 || options.default_steps < 1 ||
       options.default_steps > options.max_steps) {
     return Fail("need 1 <= --default_steps <= --max_steps");
+  }
+  if (options.max_steps > ds::FlowMatchEulerScheduler::kMaxInferenceSteps) {
+    return Fail(absl::StrCat("--max_steps may be at most ",
+                             ds::FlowMatchEulerScheduler::kMaxInferenceSteps,
+                             " (the scheduler's limit)"));
   }
   if (absl::Status s = ds::server::ConfigureLogging(options.log_format); !s.ok()) {
     return Fail(absl::StrCat("--log_format: ", s.message()));

@@ -2,12 +2,10 @@
 // the generated C++ stubs. Every RPC's happy path, each status code from a real bad request, the
 // scheduler's limits (queue full, deadline, cancellation within one step), health with Watch,
 // reflection, the metrics endpoint, and graceful shutdown on SIGTERM.
-#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -40,6 +38,7 @@
 #include "server/model_manager.h"
 #include "server/tensor_proto.h"
 #include "testing/lora_util.h"
+#include "testing/server_process.h"
 #include "testing/test_util.h"
 
 namespace ds {
@@ -48,6 +47,7 @@ namespace {
 namespace fs = std::filesystem;
 namespace pb = ::diffusion::v1;
 using ::ds::test::GoldenDir;
+using ::ds::test::ServerProcess;
 using ::ds::test::TempDir;
 using ::grpc::health::v1::HealthCheckRequest;
 using ::grpc::health::v1::HealthCheckResponse;
@@ -60,105 +60,6 @@ constexpr char kToken[] = "test-admin-token-0123456789";
 double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
-
-// ------------------------------------------------------------------------------------------------
-// The server process.
-
-class ServerProcess {
- public:
-  // Starts the binary with `args` (plus --port=0 --metrics_port=0 --host=127.0.0.1 --threads=1)
-  // and waits for its "listening on" line.
-  explicit ServerProcess(std::vector<std::string> args) {
-    err_path_ = tmp_.File("stderr.txt");
-    args.insert(args.begin(), {DS_SERVER_PATH, "--port=0", "--metrics_port=0", "--host=127.0.0.1",
-                               "--threads=1"});
-    int out[2];
-    if (pipe(out) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      const int err = open(err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-      if (err >= 0) dup2(err, STDERR_FILENO);
-      close(out[0]);
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(out[1]);
-    out_fd_ = out[0];
-    std::string buffer;
-    const auto start = Clock::now();
-    while (Since(start) < 60) {
-      pollfd p{out_fd_, POLLIN, 0};
-      if (poll(&p, 1, 200) <= 0) continue;
-      char buf[512];
-      const ssize_t n = read(out_fd_, buf, sizeof(buf));
-      if (n <= 0) break;
-      buffer.append(buf, static_cast<size_t>(n));
-      size_t eol;
-      while ((eol = buffer.find('\n')) != std::string::npos) {
-        const std::string line = buffer.substr(0, eol);
-        buffer.erase(0, eol + 1);
-        const int port = std::atoi(line.substr(line.rfind(':') + 1).c_str());
-        if (absl::StartsWith(line, "metrics on ")) metrics_port_ = port;
-        if (absl::StartsWith(line, "listening on ")) {
-          port_ = port;
-          return;
-        }
-      }
-    }
-  }
-  ~ServerProcess() {
-    if (pid_ > 0 && !exited_) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (out_fd_ >= 0) close(out_fd_);
-  }
-
-  bool ok() const { return port_ > 0; }
-  int port() const { return port_; }
-  int metrics_port() const { return metrics_port_; }
-  std::string Stderr() const { return ds::test::ReadFileBytes(err_path_); }
-
-  std::shared_ptr<grpc::Channel> NewChannel() const {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(64 << 20);
-    // A fresh connection per channel (no sharing between the test's channels).
-    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_),
-                                     grpc::InsecureChannelCredentials(), args);
-  }
-  std::unique_ptr<pb::DiffusionService::Stub> Stub() const {
-    return pb::DiffusionService::NewStub(NewChannel());
-  }
-
-  void Signal(int sig) const { kill(pid_, sig); }
-  // The exit code, or -1 if it did not exit normally within `seconds`.
-  int WaitExit(double seconds) {
-    const auto start = Clock::now();
-    while (Since(start) < seconds) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        exited_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return -1;
-  }
-
- private:
-  TempDir tmp_;
-  std::string err_path_;
-  pid_t pid_ = -1;
-  int out_fd_ = -1;
-  int port_ = 0;
-  int metrics_port_ = 0;
-  bool exited_ = false;
-};
 
 std::unique_ptr<grpc::ClientContext> Context(double seconds = 60, bool admin = false,
                                              const std::string& token = kToken) {
@@ -728,9 +629,9 @@ TEST_F(ServerTest, EachStatusCodeFromARealBadRequest) {
 }
 
 TEST_F(ServerTest, QueueFullDeadlineAndCancelStopWithinOneStep) {
-  StartServer({"--workers=1", "--queue_capacity=1", "--max_steps=1000000"});
+  StartServer({"--workers=1", "--queue_capacity=1", "--max_steps=100000"});
   const TensorMap inputs = FluxInputs(32, 32, 5);
-  const pb::GenerateRequest slow = MakeRequest("default", inputs, 16, 1000000);
+  const pb::GenerateRequest slow = MakeRequest("default", inputs, 16, 100000);
   const pb::GenerateRequest quick = MakeRequest("default", inputs, 16, 1);
 
   // One running, one queued, the third is refused at once.

@@ -1,4 +1,5 @@
-// diffusion-cli: offline tools over the model registry.
+// diffusion-cli: offline tools over the model registry, and a client of a running
+// diffusion-server (the remote commands; see tools/cli/remote.h).
 //
 //   diffusion-cli describe CLASS [--verbose]     print a model's feature-attribute table
 //   diffusion-cli describe --list                list the registered models
@@ -17,6 +18,29 @@
 //                                                against the model's parameter shapes
 //   diffusion-cli lora convert FILE --model DIR -o OUT.safetensors [--allow-partial]
 //                                                write it in diffusers/PEFT naming
+//
+// Remote commands (gRPC; every one takes --target=host:port (default localhost:50051),
+// --token_file=FILE (admin bearer token, sent on management calls), --tls_ca=PEM (TLS) and
+// --timeout=SECONDS):
+//   diffusion-cli models                         the server's model instances
+//   diffusion-cli metadata NAME [--verbose]      feature table (+ live state of an instance)
+//   diffusion-cli load-single-file --name N --path P [--dtype D] [--device D] [--replace]
+//                         [--config JSON]        load a checkpoint under the server's model root
+//   diffusion-cli unload-model --name N
+//   diffusion-cli load-lora [--model M] --name N (--path P | --file LOCAL) [--format-hint F]
+//                         [--allow-partial] [--replace] [--pin]
+//   diffusion-cli unload-lora [--model M] --name N
+//   diffusion-cli loras [--model M]              adapters, memory used / budget
+//   diffusion-cli health [--service NAME]        exit 0 only if SERVING
+//   diffusion-cli generate [--model M] --inputs IN.safetensors -o OUT.safetensors|OUT.png
+//                         [--latent-shape B,T,C] [--steps N] [--seed S] [--guidance G]
+//                         [--lora NAME[:WEIGHT]]...
+//                                                progress bar on stderr; --lora names a loaded
+//                                                adapter here (forward's --lora is FILE[:W])
+//   exit codes: 0 ok; 1 bad invocation or local failure; 2 unknown command; 3 the server (or the
+//   transport) answered with an error, printed as "error: <CODE_NAME>: <message>"; 4 health: not
+//   SERVING
+//
 //   every command: --threads N (LibTorch intra-op threads; default: all cores)
 //   flag names may be spelled with '-' or '_' (--allow-partial = --allow_partial); -o is --output
 #include <algorithm>
@@ -45,31 +69,66 @@
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 #include "handlers/threads.h"
+#include "tools/cli/remote.h"
 
-ABSL_FLAG(bool, verbose, false, "describe: add each row's description and docs link");
+ABSL_FLAG(bool, verbose, false, "describe, metadata: add each row's description and docs link");
 ABSL_FLAG(bool, list, false, "describe: list the registered models");
 ABSL_FLAG(std::string, model, "",
-          "forward, lora: diffusers-format model folder (config.json + weights)");
-ABSL_FLAG(std::string, inputs, "", "forward: safetensors file with the named forward inputs");
+          "forward, lora: diffusers-format model folder (config.json + weights); remote commands "
+          "(load-lora, unload-lora, loras, generate): the server's model instance name (empty = "
+          "its default instance)");
+ABSL_FLAG(std::string, inputs, "",
+          "forward, generate: safetensors file with the named forward inputs (generate: also "
+          "'latents', the initial noise, optionally)");
 ABSL_FLAG(std::string, output, "",
           "forward: safetensors file to write (tensor 'output'); lora convert: the converted "
-          "LoRA (also -o)");
+          "LoRA; generate: OUT.safetensors (tensor 'latents') or OUT.png (also -o)");
 ABSL_FLAG(int, repeat, 0, "forward: run N more timed forwards and print the median seconds");
 ABSL_FLAG(std::string, dtype, "float32",
-          "forward: weight/compute dtype: float32, bfloat16, float16");
-ABSL_FLAG(std::string, device, "cpu", "forward: device: cpu or cuda[:N]");
+          "forward, load-single-file: weight/compute dtype: float32, bfloat16, float16");
+ABSL_FLAG(std::string, device, "cpu", "forward, load-single-file: device: cpu or cuda[:N]");
 ABSL_FLAG(std::string, config, "",
-          "inspect/convert/forward of a single file: config fields overriding the derived ones, as "
-          "inline JSON ('{\"axes_dims_rope\": [16, 56, 56]}') or a JSON file path");
+          "inspect/convert/forward of a single file, load-single-file: config fields overriding "
+          "the derived ones, as inline JSON ('{\"axes_dims_rope\": [16, 56, 56]}') or a (local) "
+          "JSON file path");
 ABSL_FLAG(bool, json, false, "inspect, lora inspect: print the report as JSON");
 ABSL_FLAG(bool, allow_partial, false,
-          "lora: drop LoRA keys and targets the model lacks (listed in the report as unmatched) "
-          "instead of failing");
+          "lora, load-lora: drop LoRA keys and targets the model lacks (listed in the report as "
+          "unmatched) instead of failing");
 ABSL_FLAG(bool, validate, false, "forward of a single file: reject NaN/Inf weights");
 ABSL_FLAG(std::string, lora, "",
           "forward: FILE[:WEIGHT], a LoRA applied unfused for the pass (weight default 1); "
-          "repeat the flag to stack adapters");
+          "generate: NAME[:WEIGHT], an adapter loaded on the server; repeat the flag to stack "
+          "adapters");
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = number of cores)");
+
+// Remote commands (tools/cli/remote.h).
+ABSL_FLAG(std::string, target, "localhost:50051", "remote commands: the server, host:port");
+ABSL_FLAG(std::string, token_file, "",
+          "remote management commands: file holding the admin bearer token");
+ABSL_FLAG(std::string, tls_ca, "",
+          "remote commands: PEM root certificates; connect with TLS (plaintext without)");
+ABSL_FLAG(double, timeout, 0, "remote commands: deadline of each call in seconds (0 = none)");
+ABSL_FLAG(std::string, name, "",
+          "load-single-file, unload-model: instance name; load-lora, unload-lora: adapter name");
+ABSL_FLAG(std::string, path, "",
+          "load-single-file, load-lora: server-side path, under the server's model/adapter root");
+ABSL_FLAG(std::string, file, "", "load-lora: local LoRA file whose bytes are sent inline");
+ABSL_FLAG(bool, replace, false, "load-single-file, load-lora: replace one of the same name");
+ABSL_FLAG(bool, pin, false, "load-lora: never evict the adapter under memory pressure");
+ABSL_FLAG(std::string, format_hint, "",
+          "load-lora: expected LoRA format (kohya, xlabs, ...); a mismatch is an error");
+ABSL_FLAG(std::string, weight, "",
+          "load-lora: not accepted; adapters get their weight per request (generate --lora "
+          "NAME:WEIGHT)");
+ABSL_FLAG(std::string, service, "", "health: service name (a model instance; empty = the server)");
+ABSL_FLAG(int64_t, steps, 0, "generate: denoising steps (0 = the server's default)");
+ABSL_FLAG(int64_t, seed, 0, "generate: seed of the initial noise");
+ABSL_FLAG(double, guidance, 0,
+          "generate: guidance (0 = the inputs' 'guidance' tensor, else the server's default)");
+ABSL_FLAG(std::string, latent_shape, "",
+          "generate: packed latent shape B,T,C; default: B from encoder_hidden_states, T = rows "
+          "of img_ids, C = the model config's in_channels");
 
 namespace ds {
 namespace {
@@ -86,6 +145,24 @@ constexpr char kUsage[] =
     "  diffusion-cli convert FILE OUT_DIR [--config JSON]\n"
     "  diffusion-cli lora inspect FILE --model DIR [--allow-partial] [--json]\n"
     "  diffusion-cli lora convert FILE --model DIR -o OUT.safetensors [--allow-partial]\n"
+    "remote (a running diffusion-server; each takes [--target=host:port] [--token_file=FILE]\n"
+    "[--tls_ca=PEM] [--timeout=SECONDS]):\n"
+    "  diffusion-cli models\n"
+    "  diffusion-cli metadata NAME [--verbose]\n"
+    "  diffusion-cli load-single-file --name N --path P [--dtype D] [--device D] [--replace] "
+    "[--config JSON]\n"
+    "  diffusion-cli unload-model --name N\n"
+    "  diffusion-cli load-lora [--model M] --name N (--path P | --file LOCAL) [--format-hint F] "
+    "[--allow-partial] [--replace] [--pin]\n"
+    "  diffusion-cli unload-lora [--model M] --name N\n"
+    "  diffusion-cli loras [--model M]\n"
+    "  diffusion-cli health [--service NAME]\n"
+    "  diffusion-cli generate [--model M] --inputs IN.safetensors -o OUT.safetensors|OUT.png "
+    "[--latent-shape B,T,C] [--steps N] [--seed S] [--guidance G] [--lora NAME[:WEIGHT]]...\n"
+    "      (--lora names an adapter loaded on the server; without --latent-shape: B from\n"
+    "      encoder_hidden_states, T = rows of img_ids, C = the model's in_channels)\n"
+    "  exit codes: 0 ok, 1 bad invocation or local failure, 2 unknown command, 3 error from the\n"
+    "  server (printed as 'error: CODE_NAME: message'), 4 health not SERVING\n"
     "  (all commands accept --threads N; flag names take '-' or '_')";
 
 absl::Status Describe(const std::vector<char*>& args) {
@@ -315,6 +392,36 @@ absl::Status Lora(const std::vector<char*>& args) {
   return absl::OkStatus();
 }
 
+cli::RemoteOptions RemoteOptionsFromFlags() {
+  cli::RemoteOptions o;
+  o.target = absl::GetFlag(FLAGS_target);
+  o.token_file = absl::GetFlag(FLAGS_token_file);
+  o.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  o.timeout_seconds = absl::GetFlag(FLAGS_timeout);
+  o.model = absl::GetFlag(FLAGS_model);
+  o.name = absl::GetFlag(FLAGS_name);
+  o.path = absl::GetFlag(FLAGS_path);
+  o.file = absl::GetFlag(FLAGS_file);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.device = absl::GetFlag(FLAGS_device);
+  o.config = absl::GetFlag(FLAGS_config);
+  o.replace = absl::GetFlag(FLAGS_replace);
+  o.format_hint = absl::GetFlag(FLAGS_format_hint);
+  o.allow_partial = absl::GetFlag(FLAGS_allow_partial);
+  o.pin = absl::GetFlag(FLAGS_pin);
+  o.weight = absl::GetFlag(FLAGS_weight);
+  o.verbose = absl::GetFlag(FLAGS_verbose);
+  o.service = absl::GetFlag(FLAGS_service);
+  o.inputs = absl::GetFlag(FLAGS_inputs);
+  o.output = absl::GetFlag(FLAGS_output);
+  o.latent_shape = absl::GetFlag(FLAGS_latent_shape);
+  o.steps = absl::GetFlag(FLAGS_steps);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.guidance = absl::GetFlag(FLAGS_guidance);
+  o.loras = LoraFlags();
+  return o;
+}
+
 // Flag spellings Abseil does not accept, rewritten before parsing: '-' inside a flag name
 // (--allow-partial for --allow_partial; only where that names a defined flag) and the short -o
 // for --output. A value given as the next argument of a non-boolean flag and everything after a
@@ -400,6 +507,9 @@ int Main(int argc, char** argv) {
     }
     command = absl::StrCat("lora ", args[2]);
     status = Lora(args);
+  } else if (cli::IsRemoteCommand(command)) {
+    std::vector<std::string> positional(args.begin() + 2, args.end());
+    return cli::RunRemoteCommand(command, positional, RemoteOptionsFromFlags());
   } else if (command == "forward") {
     if (args.size() != 2) {
       status = absl::InvalidArgumentError("forward takes no positional arguments");

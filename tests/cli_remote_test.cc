@@ -1,0 +1,518 @@
+// diffusion-cli's remote commands end to end: the real diffusion-server binary on loopback (port 0,
+// temporary model/adapter roots, a token file) driven by the real diffusion-cli binary. Every
+// command's happy path (results checked against the same calls made through the C++ stubs, and
+// against the fixture files), and the error paths: the gRPC code name printed, the exit code.
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "diffusion/v1/diffusion.grpc.pb.h"
+#include "handlers/digest.h"
+#include "handlers/safetensors.h"
+#include "server/tensor_proto.h"
+#include "testing/server_process.h"
+#include "testing/test_util.h"
+
+namespace ds {
+namespace {
+
+namespace fs = std::filesystem;
+namespace pb = ::diffusion::v1;
+using ::ds::test::GoldenDir;
+using ::ds::test::ServerProcess;
+using ::ds::test::TempDir;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr char kToken[] = "cli-remote-test-token-0123456789";
+
+// diffusion-cli's exit codes (tools/cli/remote.h).
+constexpr int kExitLocalError = 1;
+constexpr int kExitRpcError = 3;
+constexpr int kExitNotServing = 4;
+
+struct CliResult {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+std::ostream& operator<<(std::ostream& os, const CliResult& r) {
+  return os << "exit " << r.exit_code << "\nstdout:\n" << r.out << "\nstderr:\n" << r.err;
+}
+
+std::unique_ptr<grpc::ClientContext> Context(bool admin = false) {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  if (admin) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", kToken));
+  return ctx;
+}
+
+pb::Tensor ToProto(const torch::Tensor& t) {
+  pb::Tensor p;
+  EXPECT_TRUE(server::TensorToProto(t, &p).ok());
+  return p;
+}
+
+// Generate through the C++ stub: the reference for what the CLI wrote.
+torch::Tensor StubGenerate(pb::DiffusionService::Stub& stub, const pb::GenerateRequest& request) {
+  auto ctx = Context();
+  auto reader = stub.Generate(ctx.get(), request);
+  pb::GenerateResponse message;
+  std::optional<pb::GenerateResult> result;
+  while (reader->Read(&message)) {
+    if (message.has_result()) result = message.result();
+  }
+  const grpc::Status s = reader->Finish();
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  if (!result.has_value()) return torch::Tensor();
+  auto t = server::TensorFromProto(result->latents(), "latents");
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? *t : torch::Tensor();
+}
+
+torch::Tensor ReadTensor(const std::string& path, const std::string& name) {
+  auto file = SafetensorsFile::Open(path);
+  EXPECT_TRUE(file.ok()) << file.status();
+  if (!file.ok()) return torch::Tensor();
+  auto t = (*file)->Get(name);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? t->clone() : torch::Tensor();
+}
+
+void ExpectSameLatents(const torch::Tensor& cli, const torch::Tensor& stub) {
+  ASSERT_TRUE(cli.defined() && stub.defined());
+  ASSERT_EQ(cli.sizes(), stub.sizes());
+  EXPECT_LE((cli - stub).abs().max().item<double>(), 1e-6) << "CLI vs C++ stub";
+}
+
+class CliRemoteTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    torch::set_num_threads(1);
+    models_ = tmp_.File("models");
+    adapters_ = tmp_.File("adapters");
+    fs::create_directories(models_);
+    fs::create_directories(adapters_);
+    token_file_ = tmp_.File("token");
+    std::ofstream(token_file_) << kToken << "\n";
+    wrong_token_file_ = tmp_.File("wrong-token");
+    std::ofstream(wrong_token_file_) << "not-the-token-0123456789abcdef\n";
+  }
+
+  void StartServer(std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"--admin_token_file=" + token_file_, "--model_root=" + models_,
+                                     "--adapter_root=" + adapters_};
+    args.insert(args.end(), extra.begin(), extra.end());
+    server_ = std::make_unique<ServerProcess>(args);
+    ASSERT_TRUE(server_->ok()) << server_->Stderr();
+    stub_ = server_->Stub();
+  }
+
+  // Runs diffusion-cli with `args` plus --target (this server) and --threads=1, unless `args`
+  // gives a --target itself.
+  CliResult Cli(std::vector<std::string> args) {
+    bool has_target = false;
+    for (const std::string& a : args) has_target |= absl::StartsWith(a, "--target");
+    if (!has_target && server_ != nullptr) args.push_back("--target=" + server_->target());
+    args.push_back("--threads=1");
+    args.insert(args.begin(), DS_CLI_PATH);
+    const std::string out_path = tmp_.File("cli.out"), err_path = tmp_.File("cli.err");
+    CliResult r;
+    // Only async-signal-safe calls between fork and exec (this process has gRPC threads).
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      const int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      const int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      if (out < 0 || err < 0) _exit(126);
+      dup2(out, STDOUT_FILENO);
+      dup2(err, STDERR_FILENO);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid) return r;
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = test::ReadFileBytes(out_path);
+    r.err = test::ReadFileBytes(err_path);
+    return r;
+  }
+
+  std::string TokenFlag() const { return "--token_file=" + token_file_; }
+
+  pb::GetMetadataResponse StubMetadata(const std::string& name, bool verbose = false) {
+    pb::GetMetadataRequest req;
+    req.set_name(name);
+    req.set_verbose(verbose);
+    pb::GetMetadataResponse md;
+    const grpc::Status s = stub_->GetMetadata(Context().get(), req, &md);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return md;
+  }
+
+  TempDir tmp_;
+  std::string models_, adapters_, token_file_, wrong_token_file_;
+  std::unique_ptr<ServerProcess> server_;
+  std::unique_ptr<pb::DiffusionService::Stub> stub_;
+};
+
+// ------------------------------------------------------------------------------------------------
+
+TEST_F(CliRemoteTest, ModelsMetadataAndHealth) {
+  StartServer();
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  ASSERT_EQ(list.models_size(), 1);
+  const pb::ModelInstance& m = list.models(0);
+
+  CliResult r = Cli({"models"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const std::vector<std::string> lines = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << r;  // header + the one instance
+  EXPECT_THAT(lines[0], HasSubstr("NAME"));
+  for (const std::string& cell :
+       {m.name(), m.class_name(), std::string("READY"), m.dtype(), m.device()}) {
+    EXPECT_THAT(lines[1], HasSubstr(cell));
+  }
+  EXPECT_TRUE(absl::StartsWith(lines[1], "default ")) << lines[1];
+
+  // metadata: the server's rendered table, then the instance's live state.
+  const pb::GetMetadataResponse md = StubMetadata("default");
+  r = Cli({"metadata", "default"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_TRUE(absl::StartsWith(r.out, md.table())) << r;
+  EXPECT_THAT(r.out, HasSubstr("instance default: READY"));
+  EXPECT_THAT(r.out, HasSubstr("\"in_channels\""));
+  for (const std::string& input : md.required_inputs()) EXPECT_THAT(r.out, HasSubstr(input));
+  // A class name: the verbose table, no instance part.
+  const pb::GetMetadataResponse verbose = StubMetadata("FluxTransformer2DModel", true);
+  r = Cli({"metadata", "FluxTransformer2DModel", "--verbose"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(r.out, verbose.table() + (absl::EndsWith(verbose.table(), "\n") ? "" : "\n"));
+
+  r = Cli({"metadata", "no-such-model"});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_TRUE(absl::StartsWith(r.err, "error: NOT_FOUND: ")) << r;
+  EXPECT_THAT(r.err, HasSubstr("no-such-model"));
+  r = Cli({"metadata"});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("metadata takes one NAME"));
+
+  // health.
+  r = Cli({"health"});
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("SERVING"));
+  r = Cli({"health", "--service=default"});
+  EXPECT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("'default': SERVING"));
+  r = Cli({"health", "--service", "nope"});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: NOT_FOUND: "));
+
+  // Nothing listening: the transport's code.
+  r = Cli({"models", "--target=127.0.0.1:1", "--timeout=5"});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: UNAVAILABLE: "));
+  // Unknown command: usage, exit 2 (as before).
+  EXPECT_EQ(Cli({"frobnicate"}).exit_code, 2);
+}
+
+TEST_F(CliRemoteTest, GoldenModelLoRALifecycleAndGenerate) {
+  StartServer();
+  const fs::path golden = GoldenDir();
+  fs::copy(golden / "lora" / "base_model_dir", fs::path(models_) / "base_model_dir",
+           fs::copy_options::recursive);
+  fs::copy_file(golden / "single_file" / "flux-dev" / "original.safetensors",
+                fs::path(models_) / "flux-dev.safetensors");
+  const fs::path lora_file = golden / "lora" / "diffusers" / "input.safetensors";
+  fs::copy_file(lora_file, fs::path(adapters_) / "golden-diffusers.safetensors");
+  auto lora_sha = Sha256File(lora_file.string());
+  ASSERT_TRUE(lora_sha.ok()) << lora_sha.status();
+
+  // load-single-file: the mapping report and the instance.
+  CliResult r = Cli({"load-single-file", "--name=golden", "--path", "base_model_dir", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("diffusers model folder"));
+  EXPECT_THAT(r.out, HasSubstr("loaded golden: FluxTransformer2DModel"));
+  EXPECT_THAT(r.out, HasSubstr("READY"));
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  ASSERT_EQ(list.models_size(), 2);
+  EXPECT_THAT(r.out, HasSubstr(list.models(1).sha256()));
+  r = Cli({"models"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("\ngolden "));
+  r = Cli({"health", "--service=golden"});
+  EXPECT_EQ(r.exit_code, 0) << r;
+  // Again without --replace: the server's ALREADY_EXISTS.
+  r = Cli({"load-single-file", "--name=golden", "--path=base_model_dir", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: ALREADY_EXISTS: "));
+
+  // load-lora from the adapter root: report + digest (the file's sha256); loras lists it.
+  r = Cli({"load-lora", "--model=golden", "--name=g", "--path=golden-diffusers.safetensors",
+           "--allow-partial", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("sha256 " + *lora_sha));
+  EXPECT_THAT(r.out, HasSubstr("loaded adapter g: diffusers"));
+  // The same bytes inline, pinned.
+  r = Cli({"load-lora", "--model", "golden", "--name", "g-inline", "--file", lora_file.string(),
+           "--pin", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("source inline"));
+  EXPECT_THAT(r.out, HasSubstr("pinned"));
+  r = Cli({"loras", "--model=golden"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const std::vector<std::string> rows = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(rows.size(), 4u) << r;  // header, g, g-inline, memory line
+  EXPECT_TRUE(absl::StartsWith(rows[1], "g ")) << r;
+  EXPECT_THAT(rows[1], HasSubstr(*lora_sha));
+  EXPECT_TRUE(absl::StartsWith(rows[2], "g-inline ")) << r;
+  EXPECT_THAT(rows[2], HasSubstr(*lora_sha));
+  EXPECT_THAT(rows[3], HasSubstr("memory: "));
+  EXPECT_THAT(rows[3], HasSubstr(" budget"));
+
+  // generate with the adapter from the golden forward inputs (the forward-pass tensors the
+  // sampler sets itself, and the output, are not sent); the latent shape is derived.
+  const std::string inputs = (golden / "lora" / "diffusers" / "forward.safetensors").string();
+  const std::string out = tmp_.File("golden.safetensors");
+  r = Cli({"generate", "--model=golden", "--inputs", inputs, "--steps=2", "--seed=7",
+           "--lora=g:0.7", "-o", out});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.err, HasSubstr("step 1/2"));
+  EXPECT_THAT(r.err, HasSubstr("step 2/2"));
+  EXPECT_THAT(r.err, HasSubstr("not sent"));
+  EXPECT_THAT(r.out, HasSubstr("g:0.7 (sha256 " + *lora_sha + ")"));
+
+  pb::GenerateRequest request;
+  request.set_model("golden");
+  torch::Tensor hidden;
+  {
+    auto file = SafetensorsFile::Open(inputs);
+    ASSERT_TRUE(file.ok()) << file.status();
+    for (const std::string name :
+         {"encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance"}) {
+      auto t = (*file)->Get(name);
+      ASSERT_TRUE(t.ok()) << t.status();
+      (*request.mutable_inputs())[name] = ToProto(*t);
+    }
+    auto h = (*file)->Get("hidden_states");  // the packed latents' shape
+    ASSERT_TRUE(h.ok());
+    hidden = *h;
+  }
+  for (int64_t d : hidden.sizes()) request.add_latent_shape(d);
+  request.set_seed(7);
+  request.set_steps(2);
+  pb::AdapterWeight* adapter = request.add_adapters();
+  adapter->set_name("g");
+  adapter->set_weight(0.7);
+  const torch::Tensor reference = StubGenerate(*stub_, request);
+  ExpectSameLatents(ReadTensor(out, "latents"), reference);
+  // The resolved parameters are echoed in the file.
+  auto written = SafetensorsFile::Open(out);
+  ASSERT_TRUE(written.ok());
+  const auto& meta = (*written)->metadata();
+  EXPECT_EQ(meta.at("seed"), "7");
+  EXPECT_EQ(meta.at("steps"), "2");
+  EXPECT_EQ(meta.at("model"), "golden");
+  EXPECT_EQ(meta.at("model_sha256"), list.models(1).sha256());
+  const nlohmann::json applied = nlohmann::json::parse(meta.at("adapters"));
+  ASSERT_EQ(applied.size(), 1u);
+  EXPECT_EQ(applied[0]["sha256"], *lora_sha);
+  EXPECT_EQ(applied[0]["weight"], 0.7);
+  // An explicit --latent-shape gives the same.
+  const std::string out2 = tmp_.File("golden2.safetensors");
+  r = Cli({"generate", "--model=golden", "--inputs", inputs, "--steps=2", "--seed=7",
+           "--lora=g:0.7", "--latent-shape",
+           absl::StrCat(hidden.size(0), ",", hidden.size(1), ",", hidden.size(2)), "-o", out2});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  ExpectSameLatents(ReadTensor(out2, "latents"), reference);
+
+  // unload-lora: gone from loras; a generate naming it is the server's NOT_FOUND.
+  r = Cli({"unload-lora", "--model=golden", "--name=g", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  r = Cli({"loras", "--model=golden"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, Not(HasSubstr("\ng ")));
+  EXPECT_THAT(r.out, HasSubstr("\ng-inline "));
+  r = Cli({"generate", "--model=golden", "--inputs", inputs, "--steps=1", "--lora=g", "-o", out});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: NOT_FOUND: "));
+
+  // Replace with the flux-dev single file (RoPE axes as a config override), then unload.
+  r = Cli({"load-single-file", "--name=golden", "--path=flux-dev.safetensors", "--replace",
+           R"(--config={"axes_dims_rope": [4, 4, 8]})", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("flux-dev"));
+  r = Cli({"unload-model", "--name=golden", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("unloaded model golden"));
+  r = Cli({"models"});
+  EXPECT_THAT(r.out, Not(HasSubstr("golden")));
+  r = Cli({"health", "--service=golden"});
+  EXPECT_EQ(r.exit_code, kExitNotServing) << r;  // answered, but no longer serving
+  EXPECT_THAT(r.out, HasSubstr("'golden': NOT_SERVING"));
+  r = Cli({"unload-model", "--name=golden", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: NOT_FOUND: "));
+}
+
+TEST_F(CliRemoteTest, GenerateOnTheDefaultModel) {
+  StartServer({"--max_steps=100000"});
+  const pb::GetMetadataResponse md = StubMetadata("default");
+  const nlohmann::json config = nlohmann::json::parse(md.config_json());
+  const int64_t channels = config.at("in_channels").get<int64_t>();
+  const int64_t axes = static_cast<int64_t>(config.at("axes_dims_rope").size());
+  // Inputs for a 4x4 latent grid and 8 text tokens, sized from the served model's config.
+  torch::manual_seed(3);
+  TensorMap in;
+  in["encoder_hidden_states"] =
+      torch::randn({1, 8, config.at("joint_attention_dim").get<int64_t>()});
+  in["pooled_projections"] = torch::randn({1, config.at("pooled_projection_dim").get<int64_t>()});
+  in["img_ids"] = torch::zeros({16, axes});
+  for (int64_t i = 0; i < 16; ++i) {
+    in["img_ids"][i][axes - 2] = static_cast<float>(i / 4);
+    in["img_ids"][i][axes - 1] = static_cast<float>(i % 4);
+  }
+  in["txt_ids"] = torch::zeros({8, axes});
+  const std::string inputs = tmp_.File("in.safetensors");
+  ASSERT_TRUE(WriteSafetensors(inputs, in).ok());
+
+  const std::string out = tmp_.File("out.safetensors");
+  CliResult r = Cli({"generate", "--model", "default", "--inputs", inputs, "--steps", "2", "--seed",
+                     "11", "--guidance", "2.5", "--output", out});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.err, HasSubstr("step 2/2"));
+  EXPECT_THAT(r.out, HasSubstr("guidance 2.5"));
+  pb::GenerateRequest request;
+  request.set_model("default");
+  for (const auto& [name, t] : in) (*request.mutable_inputs())[name] = ToProto(t);
+  for (int64_t d : {int64_t{1}, int64_t{16}, channels}) request.add_latent_shape(d);
+  request.set_seed(11);
+  request.set_steps(2);
+  request.set_guidance(2.5);
+  ExpectSameLatents(ReadTensor(out, "latents"), StubGenerate(*stub_, request));
+  // Without --model: the server's default instance.
+  const std::string out_default = tmp_.File("out-default.safetensors");
+  r = Cli({"generate", "--inputs", inputs, "--steps=2", "--seed=11", "--guidance=2.5", "-o",
+           out_default});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  ExpectSameLatents(ReadTensor(out_default, "latents"), ReadTensor(out, "latents"));
+
+  // .png: this server returns latents only.
+  r = Cli(
+      {"generate", "--model=default", "--inputs", inputs, "--steps=1", "-o", tmp_.File("out.png")});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("latents only"));
+  EXPECT_THAT(r.err, HasSubstr(".safetensors"));
+  EXPECT_FALSE(fs::exists(tmp_.File("out.png")));
+  // Bad invocations, refused before any call.
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "-o", tmp_.File("out.txt")});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr(".safetensors"));
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "--lora=g:lots", "-o", out});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("WEIGHT 'lots'"));
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "--latent-shape=1,x", "-o", out});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("--latent-shape"));
+  r = Cli({"generate", "--model=default", "--inputs", tmp_.File("missing.safetensors"), "-o", out});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("missing.safetensors"));
+  // The server's field errors come back by name.
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "--steps=-1", "-o", out});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: INVALID_ARGUMENT: steps"));
+  r = Cli({"generate", "--model=nope", "--inputs", inputs, "-o", out});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: NOT_FOUND: "));
+  EXPECT_THAT(r.err, HasSubstr("nope"));
+  // --timeout: a deadline the server honours between steps.
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "--steps=100000", "--timeout=0.5",
+           "-o", out});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: DEADLINE_EXCEEDED: "));
+}
+
+TEST_F(CliRemoteTest, ManagementCredentialsAndPaths) {
+  StartServer();
+  std::ofstream(adapters_ + "/x.safetensors") << "not a lora";
+  // No token, a wrong token.
+  CliResult r = Cli({"load-lora", "--name=x", "--path=x.safetensors"});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_TRUE(absl::StartsWith(r.err, "error: UNAUTHENTICATED: ")) << r;
+  r = Cli({"load-lora", "--name=x", "--path=x.safetensors", "--token_file=" + wrong_token_file_});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_TRUE(absl::StartsWith(r.err, "error: PERMISSION_DENIED: ")) << r;
+  r = Cli({"unload-model", "--name=default"});
+  EXPECT_THAT(r.err, HasSubstr("error: UNAUTHENTICATED: "));
+  // The right token; a file that is no LoRA is the server's INVALID_ARGUMENT.
+  r = Cli({"load-lora", "--name=x", "--path=x.safetensors", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: INVALID_ARGUMENT: "));
+  // Paths escaping the roots.
+  r = Cli({"load-lora", "--name=x", "--path=../../etc/passwd", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: PERMISSION_DENIED: "));
+  r = Cli({"load-single-file", "--name=evil", "--path=../../etc/passwd", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: PERMISSION_DENIED: "));
+
+  // Local mistakes: exit 1, nothing sent.
+  r = Cli({"load-lora", "--name=x", "--path=x.safetensors", "--weight=0.5", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("generate --lora x:0.5"));
+  r = Cli({"load-lora", "--name=x", "--path=x.safetensors", "--file=" + token_file_, TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("exactly one of --path"));
+  r = Cli({"load-lora", "--name=x", "--path=x.safetensors",
+           "--token_file=" + tmp_.File("no-such-token")});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("no-such-token"));
+  r = Cli({"load-single-file", "--path=x", TokenFlag()});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("--name"));
+  r = Cli({"models", "extra"});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+}
+
+TEST_F(CliRemoteTest, TlsWithACertificateAuthority) {
+  const std::string cert = tmp_.File("cert.pem"), key = tmp_.File("key.pem");
+  const std::string cmd = absl::StrCat(
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost "
+      "-addext subjectAltName=IP:127.0.0.1 -keyout ",
+      key, " -out ", cert, " >/dev/null 2>&1");
+  if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "no openssl command to make a certificate";
+  StartServer({"--tls_cert=" + cert, "--tls_key=" + key});
+  CliResult r = Cli({"models", "--tls_ca=" + cert});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("default"));
+  r = Cli({"models", "--timeout=5"});  // plaintext against TLS
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: UNAVAILABLE: "));
+  r = Cli({"models", "--tls_ca=" + tmp_.File("missing.pem")});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("missing.pem"));
+}
+
+}  // namespace
+}  // namespace ds

@@ -1,0 +1,750 @@
+#include "tools/cli/remote.h"
+
+#include <grpcpp/grpcpp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "diffusion/v1/diffusion.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "handlers/safetensors.h"
+#include "handlers/status.h"
+#include "server/tensor_proto.h"
+
+namespace ds::cli {
+namespace {
+
+namespace pb = ::diffusion::v1;
+namespace hv1 = ::grpc::health::v1;
+
+// Marks a status as the server's (or the transport's) answer rather than a local failure; it
+// decides the exit code.
+constexpr char kRpcErrorPayload[] = "type.googleapis.com/ds.cli.RpcError";
+
+absl::Status RpcError(const grpc::Status& s) {
+  const int code = static_cast<int>(s.error_code());
+  // absl and gRPC share the canonical code numbers.
+  absl::Status out(
+      code >= 0 && code <= 16 ? static_cast<absl::StatusCode>(code) : absl::StatusCode::kUnknown,
+      s.error_message());
+  out.SetPayload(kRpcErrorPayload, absl::Cord("1"));
+  return out;
+}
+
+bool IsRpcError(const absl::Status& s) { return s.GetPayload(kRpcErrorPayload).has_value(); }
+
+absl::StatusOr<std::string> ReadLocalFile(const std::string& path, const std::string& flag) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    return absl::NotFoundError(absl::StrCat(flag, ": '", path, "' is not a readable file"));
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.good() && !in.eof()) {
+    return absl::InternalError(absl::StrCat(flag, ": reading '", path, "' failed"));
+  }
+  return bytes;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Formatting.
+
+std::string FormatBytes(int64_t bytes) {
+  if (bytes < 1024) return absl::StrCat(bytes, " B");
+  const char* units[] = {"KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = -1;
+  while (v >= 1024 && u < 3) {
+    v /= 1024;
+    ++u;
+  }
+  return absl::StrFormat("%.1f %s", v, units[u]);
+}
+
+// Rows of cells as aligned columns (two spaces apart); the first row is the header.
+std::string RenderTable(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths;
+  for (const auto& row : rows) {
+    if (widths.size() < row.size()) widths.resize(row.size(), 0);
+    for (size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+  }
+  std::string out;
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      if (i > 0) line += "  ";
+      line += row[i];
+      if (i + 1 < row.size()) line.append(widths[i] - row[i].size(), ' ');
+    }
+    out += line + "\n";
+  }
+  return out;
+}
+
+std::string StateText(const pb::ModelInstance& m) {
+  std::string state = pb::ModelState_Name(m.state());
+  if (!m.state_reason().empty()) absl::StrAppend(&state, " (", m.state_reason(), ")");
+  return state;
+}
+
+std::string WithNewline(std::string text) {
+  if (!text.empty() && text.back() != '\n') text += '\n';
+  return text;
+}
+
+// Generate's progress on stderr: a bar redrawn in place on a terminal, else one line per event.
+class ProgressBar {
+ public:
+  explicit ProgressBar(std::FILE* out) : out_(out), tty_(isatty(fileno(out)) == 1) {}
+  ~ProgressBar() { Finish(); }
+
+  void Update(int64_t step, int64_t total, double elapsed) {
+    if (!tty_) {
+      std::fprintf(out_, "step %lld/%lld  %.2f s\n", static_cast<long long>(step),
+                   static_cast<long long>(total), elapsed);
+      std::fflush(out_);
+      return;
+    }
+    constexpr int kWidth = 30;
+    const double fraction =
+        total > 0 ? std::clamp(static_cast<double>(step) / static_cast<double>(total), 0.0, 1.0)
+                  : 0.0;
+    const int filled = static_cast<int>(fraction * kWidth);
+    std::string bar(static_cast<size_t>(filled), '#');
+    bar.append(static_cast<size_t>(kWidth - filled), '.');
+    std::string eta;
+    if (step > 0 && step < total) {
+      eta = absl::StrFormat(
+          "  eta %.1f s", elapsed / static_cast<double>(step) * static_cast<double>(total - step));
+    }
+    std::fprintf(out_, "\r[%s] step %lld/%lld  %.2f s%s\033[K", bar.c_str(),
+                 static_cast<long long>(step), static_cast<long long>(total), elapsed, eta.c_str());
+    std::fflush(out_);
+    drawn_ = true;
+  }
+
+  // Ends the in-place line (so that what follows starts on a new one).
+  void Finish() {
+    if (drawn_) std::fputc('\n', out_);
+    drawn_ = false;
+  }
+
+ private:
+  std::FILE* out_;
+  bool tty_;
+  bool drawn_ = false;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The connection.
+
+class Client {
+ public:
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const RemoteOptions& o) {
+    if (o.target.empty()) return absl::InvalidArgumentError("--target: required (host:port)");
+    if (!(o.timeout_seconds >= 0) || !std::isfinite(o.timeout_seconds)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--timeout: must be finite and >= 0 seconds, got ", o.timeout_seconds));
+    }
+    std::shared_ptr<grpc::ChannelCredentials> credentials;
+    if (!o.tls_ca.empty()) {
+      grpc::SslCredentialsOptions ssl;
+      ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadLocalFile(o.tls_ca, "--tls_ca"));
+      credentials = grpc::SslCredentials(ssl);
+    } else {
+      credentials = grpc::InsecureChannelCredentials();
+    }
+    grpc::ChannelArguments args;
+    // Latents and images can exceed gRPC's 4 MiB default; the server enforces its own limit.
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    auto client = std::unique_ptr<Client>(new Client());
+    client->options_ = &o;
+    client->channel_ = grpc::CreateCustomChannel(o.target, credentials, args);
+    client->stub_ = pb::DiffusionService::NewStub(client->channel_);
+    return client;
+  }
+
+  // A context with the deadline; for management calls also the bearer token (none when
+  // --token_file is not given: the server then answers UNAUTHENTICATED).
+  absl::StatusOr<std::unique_ptr<grpc::ClientContext>> Context(bool management) {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (options_->timeout_seconds > 0) {
+      ctx->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                            std::chrono::duration<double>(options_->timeout_seconds)));
+    }
+    if (management && !options_->token_file.empty()) {
+      ASSIGN_OR_RETURN(const std::string token, Token());
+      ctx->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    }
+    return ctx;
+  }
+
+  // Runs one unary call: `call(ctx)` returns the grpc::Status of the stub call.
+  absl::Status Call(bool management,
+                    const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+    ASSIGN_OR_RETURN(std::unique_ptr<grpc::ClientContext> ctx, Context(management));
+    const grpc::Status s = call(ctx.get());
+    return s.ok() ? absl::OkStatus() : RpcError(s);
+  }
+
+  pb::DiffusionService::Stub& stub() { return *stub_; }
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+
+ private:
+  Client() = default;
+
+  absl::StatusOr<std::string> Token() const {
+    const std::string& path = options_->token_file;
+    ASSIGN_OR_RETURN(std::string contents, ReadLocalFile(path, "--token_file"));
+    const std::string token(absl::StripAsciiWhitespace(contents));
+    if (token.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--token_file: '", path, "' is empty"));
+    }
+    for (char ch : token) {
+      if (ch < 0x21 || ch > 0x7e) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--token_file: the token in '", path,
+            "' has a character that is not printable ASCII without space (it cannot be sent as "
+            "gRPC metadata)"));
+      }
+    }
+    return token;
+  }
+
+  const RemoteOptions* options_ = nullptr;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<pb::DiffusionService::Stub> stub_;
+};
+
+absl::Status Require(const std::string& value, const std::string& command, const std::string& flag,
+                     const std::string& what) {
+  if (!value.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(command, " needs ", flag, " (", what, ")"));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Commands.
+
+absl::Status Models(Client& client) {
+  pb::ListModelsResponse response;
+  RETURN_IF_ERROR(client.Call(false, [&](grpc::ClientContext* ctx) {
+    return client.stub().ListModels(ctx, pb::ListModelsRequest(), &response);
+  }));
+  if (response.models().empty()) {
+    std::cout << "no models\n";
+    return absl::OkStatus();
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"NAME", "CLASS", "STATE", "DTYPE", "DEVICE", "MEMORY", "ADAPTERS"}};
+  for (const pb::ModelInstance& m : response.models()) {
+    std::string class_name = m.class_name();
+    if (!m.variant().empty()) absl::StrAppend(&class_name, " (", m.variant(), ")");
+    std::string memory = FormatBytes(m.parameter_bytes());
+    if (m.adapter_bytes() > 0) absl::StrAppend(&memory, " + ", FormatBytes(m.adapter_bytes()));
+    std::vector<std::string> adapters;
+    for (const pb::LoRAInfo& a : m.adapters()) adapters.push_back(a.name());
+    rows.push_back({m.name(), class_name, StateText(m), m.dtype(), m.device(), memory,
+                    adapters.empty() ? "-" : absl::StrJoin(adapters, ", ")});
+  }
+  std::cout << RenderTable(rows);
+  return absl::OkStatus();
+}
+
+void PrintInstance(const pb::GetMetadataResponse& md) {
+  const pb::ModelInstance& m = md.instance();
+  std::cout << "\ninstance " << m.name() << ": " << StateText(m) << "\n";
+  std::cout << "  class:     " << m.class_name() << " (" << m.family() << ")"
+            << (m.variant().empty() ? "" : absl::StrCat(", variant ", m.variant())) << "\n";
+  std::cout << "  dtype:     " << m.dtype() << " on " << m.device() << "\n";
+  std::cout << "  source:    " << m.source() << "\n";
+  std::cout << "  sha256:    " << (m.sha256().empty() ? "-" : m.sha256()) << "\n";
+  std::cout << "  memory:    parameters " << FormatBytes(m.parameter_bytes()) << ", adapters "
+            << FormatBytes(m.adapter_bytes()) << "\n";
+  if (m.adapters().empty()) {
+    std::cout << "  adapters:  none\n";
+  } else {
+    std::cout << "  adapters:\n";
+    for (const pb::LoRAInfo& a : m.adapters()) {
+      std::cout << "    " << a.name() << "  " << a.format() << "  sha256 " << a.sha256() << "\n";
+    }
+  }
+  std::cout << "  inputs:    required " << absl::StrJoin(md.required_inputs(), ", ")
+            << "; optional "
+            << (md.optional_inputs().empty() ? "none" : absl::StrJoin(md.optional_inputs(), ", "))
+            << "\n";
+  const pb::GenerateLimits& l = md.limits();
+  std::cout << "  generate:  steps default " << l.default_steps() << " (max " << l.max_steps()
+            << "), guidance default " << l.default_guidance() << ", batch max " << l.max_batch()
+            << ", image tokens max " << l.max_image_tokens() << ", text tokens max "
+            << l.max_text_tokens() << ", inline LoRA max " << FormatBytes(l.max_inline_lora_bytes())
+            << "\n";
+  if (!md.config_json().empty()) {
+    const nlohmann::json config = nlohmann::json::parse(md.config_json(), nullptr, false);
+    std::string text = config.is_discarded() ? md.config_json() : config.dump(2);
+    std::cout << "  config:    " << absl::StrReplaceAll(text, {{"\n", "\n  "}}) << "\n";
+  }
+}
+
+absl::Status Metadata(Client& client, const std::vector<std::string>& positional,
+                      const RemoteOptions& o) {
+  if (positional.size() != 1) {
+    return absl::InvalidArgumentError(
+        "metadata takes one NAME (a model instance, a model class name or a registry name)");
+  }
+  pb::GetMetadataRequest request;
+  request.set_name(positional[0]);
+  request.set_verbose(o.verbose);
+  pb::GetMetadataResponse response;
+  RETURN_IF_ERROR(client.Call(false, [&](grpc::ClientContext* ctx) {
+    return client.stub().GetMetadata(ctx, request, &response);
+  }));
+  std::cout << WithNewline(response.table());
+  if (response.has_instance()) PrintInstance(response);
+  return absl::OkStatus();
+}
+
+absl::Status LoadSingleFile(Client& client, const RemoteOptions& o) {
+  const std::string command = "load-single-file";
+  RETURN_IF_ERROR(Require(o.name, command, "--name", "the instance name to load it as"));
+  RETURN_IF_ERROR(Require(o.path, command, "--path",
+                          "the checkpoint file or diffusers folder, under the server's model "
+                          "root"));
+  pb::LoadSingleFileRequest request;
+  request.set_name(o.name);
+  request.set_path(o.path);
+  request.set_dtype(o.dtype);
+  request.set_device(o.device);
+  request.set_replace(o.replace);
+  if (!o.config.empty()) {
+    if (absl::StartsWith(absl::StripLeadingAsciiWhitespace(o.config), "{")) {
+      request.set_config_json(o.config);
+    } else {
+      ASSIGN_OR_RETURN(*request.mutable_config_json(), ReadLocalFile(o.config, "--config"));
+    }
+  }
+  pb::LoadSingleFileResponse response;
+  RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
+    return client.stub().LoadSingleFile(ctx, request, &response);
+  }));
+  const pb::ModelInstance& m = response.instance();
+  std::cout << WithNewline(response.report());
+  std::cout << "loaded " << m.name() << ": " << m.class_name()
+            << (m.variant().empty() ? "" : absl::StrCat(" (", m.variant(), ")")) << ", "
+            << m.dtype() << " on " << m.device() << ", " << FormatBytes(m.parameter_bytes()) << ", "
+            << StateText(m) << ", sha256 " << (m.sha256().empty() ? "-" : m.sha256()) << "\n"
+            << absl::StrFormat("%.3f s\n", response.seconds());
+  return absl::OkStatus();
+}
+
+absl::Status UnloadModel(Client& client, const RemoteOptions& o) {
+  RETURN_IF_ERROR(Require(o.name, "unload-model", "--name", "the instance to unload"));
+  pb::UnloadModelRequest request;
+  request.set_name(o.name);
+  pb::UnloadModelResponse response;
+  RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
+    return client.stub().UnloadModel(ctx, request, &response);
+  }));
+  std::cout << "unloaded model " << o.name << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status LoadLora(Client& client, const RemoteOptions& o) {
+  if (!o.weight.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--weight ", o.weight,
+        ": an adapter's weight is chosen per request, not at load time; load it without "
+        "--weight and pass `generate --lora ",
+        o.name.empty() ? "NAME" : o.name, ":", o.weight, "`"));
+  }
+  const std::string command = "load-lora";
+  RETURN_IF_ERROR(Require(o.name, command, "--name", "the adapter name"));
+  if (o.path.empty() == o.file.empty()) {
+    return absl::InvalidArgumentError(
+        "load-lora needs exactly one of --path (a file under the server's adapter root) and "
+        "--file (a local file sent inline)");
+  }
+  pb::LoadLoRARequest request;
+  request.set_model(o.model);
+  request.set_name(o.name);
+  if (!o.path.empty()) {
+    request.set_path(o.path);
+  } else {
+    ASSIGN_OR_RETURN(*request.mutable_inline_bytes(), ReadLocalFile(o.file, "--file"));
+  }
+  request.set_format_hint(o.format_hint);
+  request.set_allow_partial(o.allow_partial);
+  request.set_replace(o.replace);
+  request.set_pin(o.pin);
+  pb::LoadLoRAResponse response;
+  RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
+    return client.stub().LoadLoRA(ctx, request, &response);
+  }));
+  const pb::LoRAInfo& a = response.adapter();
+  std::cout << WithNewline(response.report().text());
+  std::cout << (response.replaced() ? "replaced" : "loaded") << " adapter " << a.name() << ": "
+            << a.format() << ", " << a.modules() << " modules, " << FormatBytes(a.bytes())
+            << (a.pinned() ? ", pinned" : "") << ", source " << a.source() << "\n"
+            << "sha256 " << a.sha256() << "\n";
+  if (!response.evicted().empty()) {
+    std::cout << "evicted: " << absl::StrJoin(response.evicted(), ", ") << "\n";
+  }
+  std::cout << absl::StrFormat("%.3f s\n", response.report().seconds());
+  return absl::OkStatus();
+}
+
+absl::Status UnloadLora(Client& client, const RemoteOptions& o) {
+  RETURN_IF_ERROR(Require(o.name, "unload-lora", "--name", "the adapter to unload"));
+  pb::UnloadLoRARequest request;
+  request.set_model(o.model);
+  request.set_name(o.name);
+  pb::UnloadLoRAResponse response;
+  RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
+    return client.stub().UnloadLoRA(ctx, request, &response);
+  }));
+  std::cout << "unloaded adapter " << o.name << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status Loras(Client& client, const RemoteOptions& o) {
+  pb::ListLoRAsRequest request;
+  request.set_model(o.model);
+  pb::ListLoRAsResponse response;
+  RETURN_IF_ERROR(client.Call(false, [&](grpc::ClientContext* ctx) {
+    return client.stub().ListLoRAs(ctx, request, &response);
+  }));
+  if (response.adapters().empty()) {
+    std::cout << "no adapters\n";
+  } else {
+    std::vector<std::vector<std::string>> rows = {
+        {"NAME", "FORMAT", "MODULES", "MEMORY", "PINNED", "FUSED", "USERS", "SHA256", "SOURCE"}};
+    for (const pb::LoRAInfo& a : response.adapters()) {
+      rows.push_back({a.name(), a.format(), absl::StrCat(a.modules()), FormatBytes(a.bytes()),
+                      a.pinned() ? "yes" : "no", a.fused() ? "yes" : "no", absl::StrCat(a.users()),
+                      a.sha256(), a.source()});
+    }
+    std::cout << RenderTable(rows);
+  }
+  std::cout << "memory: " << FormatBytes(response.memory_used_bytes()) << " used of "
+            << FormatBytes(response.memory_budget_bytes()) << " budget\n";
+  return absl::OkStatus();
+}
+
+// OK with true when SERVING.
+absl::StatusOr<bool> Health(Client& client, const RemoteOptions& o) {
+  auto health = hv1::Health::NewStub(client.channel());
+  hv1::HealthCheckRequest request;
+  request.set_service(o.service);
+  hv1::HealthCheckResponse response;
+  RETURN_IF_ERROR(client.Call(
+      false, [&](grpc::ClientContext* ctx) { return health->Check(ctx, request, &response); }));
+  std::cout << (o.service.empty() ? std::string("server") : absl::StrCat("'", o.service, "'"))
+            << ": " << hv1::HealthCheckResponse::ServingStatus_Name(response.status()) << "\n";
+  return response.status() == hv1::HealthCheckResponse::SERVING;
+}
+
+// --lora NAME[:WEIGHT] of generate: a loaded adapter's name (names have no ':').
+absl::StatusOr<pb::AdapterWeight> ParseAdapterFlag(const std::string& value) {
+  pb::AdapterWeight adapter;
+  const size_t colon = value.rfind(':');
+  adapter.set_name(value.substr(0, colon));
+  if (colon != std::string::npos) {
+    double weight = 0;
+    if (!absl::SimpleAtod(value.substr(colon + 1), &weight) || !std::isfinite(weight)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--lora '", value, "': WEIGHT '", value.substr(colon + 1),
+          "' is not a finite number (generate takes NAME[:WEIGHT], NAME a loaded adapter)"));
+    }
+    adapter.set_weight(weight);
+  }
+  if (adapter.name().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--lora '", value, "': no adapter NAME (generate takes NAME[:WEIGHT])"));
+  }
+  return adapter;
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseLatentShape(const std::string& text) {
+  std::vector<int64_t> shape;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    int64_t d = 0;
+    if (!absl::SimpleAtoi(part, &d) || d < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--latent-shape '", text,
+                       "': expected positive integers B,T,C (batch, image tokens, "
+                       "channels of the packed latents)"));
+    }
+    shape.push_back(d);
+  }
+  return shape;
+}
+
+// "" = the server's default instance, resolved the way the API documents it ("default" when it
+// exists, else the only instance), since GetMetadata needs a name.
+absl::StatusOr<std::string> ResolveModel(Client& client, const std::string& model) {
+  if (!model.empty()) return model;
+  pb::ListModelsResponse response;
+  RETURN_IF_ERROR(client.Call(false, [&](grpc::ClientContext* ctx) {
+    return client.stub().ListModels(ctx, pb::ListModelsRequest(), &response);
+  }));
+  std::vector<std::string> names;
+  for (const pb::ModelInstance& m : response.models()) {
+    if (m.state() == pb::UNLOADING) continue;
+    if (m.name() == "default") return m.name();
+    names.push_back(m.name());
+  }
+  if (names.size() == 1) return names[0];
+  return absl::InvalidArgumentError(absl::StrCat(
+      "generate needs --model (the server has no instance named 'default'; instances: ",
+      names.empty() ? "none" : absl::StrJoin(names, ", "), ")"));
+}
+
+// The packed latent shape when --latent-shape is not given: batch from encoder_hidden_states,
+// one image token per row of img_ids, channels = the config's in_channels.
+absl::StatusOr<std::vector<int64_t>> DeriveLatentShape(const SafetensorsFile& inputs,
+                                                       const std::string& config_json) {
+  const std::string fix = " (give --latent-shape B,T,C)";
+  const std::string& path = inputs.path();
+  if (!inputs.contains("img_ids")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--latent-shape: cannot derive the image tokens: ", path, " has no 'img_ids'", fix));
+  }
+  ASSIGN_OR_RETURN(const safetensors::TensorInfo* ids, inputs.info("img_ids"));
+  if (ids->shape.size() != 2 && ids->shape.size() != 3) {
+    return absl::InvalidArgumentError(absl::StrCat("--latent-shape: cannot derive it: ", path,
+                                                   ": 'img_ids' is not [tokens, axes] or "
+                                                   "[batch, tokens, axes]",
+                                                   fix));
+  }
+  const int64_t tokens = ids->shape[ids->shape.size() - 2];
+  int64_t batch = 1;
+  if (inputs.contains("encoder_hidden_states")) {
+    ASSIGN_OR_RETURN(const safetensors::TensorInfo* text, inputs.info("encoder_hidden_states"));
+    if (text->shape.size() >= 2) batch = text->shape[0];
+  }
+  const nlohmann::json config = nlohmann::json::parse(config_json, nullptr, false);
+  if (config.is_discarded() || !config.is_object() || !config.contains("in_channels") ||
+      !config["in_channels"].is_number_integer()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--latent-shape: cannot derive the channels: the model's config has no integer "
+        "'in_channels'",
+        fix));
+  }
+  return std::vector<int64_t>{batch, tokens, config["in_channels"].get<int64_t>()};
+}
+
+absl::Status Generate(Client& client, const RemoteOptions& o) {
+  const std::string command = "generate";
+  RETURN_IF_ERROR(
+      Require(o.inputs, command, "--inputs", "a safetensors file of the model's forward inputs"));
+  RETURN_IF_ERROR(Require(o.output, command, "-o", "OUT.safetensors or OUT.png"));
+  const std::string lower = absl::AsciiStrToLower(o.output);
+  const bool png = absl::EndsWith(lower, ".png");
+  if (!png && !absl::EndsWith(lower, ".safetensors")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "-o '", o.output, "': the output must end in .safetensors (latents) or .png (image)"));
+  }
+  pb::GenerateRequest request;
+  for (const std::string& value : o.loras) {
+    ASSIGN_OR_RETURN(*request.add_adapters(), ParseAdapterFlag(value));
+  }
+  if (!o.latent_shape.empty()) {
+    ASSIGN_OR_RETURN(std::vector<int64_t> shape, ParseLatentShape(o.latent_shape));
+    for (int64_t d : shape) request.add_latent_shape(d);
+  }
+  auto opened = SafetensorsFile::Open(o.inputs);
+  if (!opened.ok()) return Annotate(opened.status(), "--inputs");
+  const SafetensorsFile& file = **opened;
+
+  ASSIGN_OR_RETURN(const std::string model, ResolveModel(client, o.model));
+  pb::GetMetadataRequest md_request;
+  md_request.set_name(model);
+  pb::GetMetadataResponse md;
+  RETURN_IF_ERROR(client.Call(false, [&](grpc::ClientContext* ctx) {
+    return client.stub().GetMetadata(ctx, md_request, &md);
+  }));
+  if (!md.has_instance()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--model '", model, "' names a model class, not a loaded instance (see `models`)"));
+  }
+
+  // The file's tensors that are the model's inputs; `latents` = the initial noise. The sampler
+  // sets hidden_states and timestep itself, so a forward-pass file's are left out.
+  std::set<std::string> accepted(md.required_inputs().begin(), md.required_inputs().end());
+  accepted.insert(md.optional_inputs().begin(), md.optional_inputs().end());
+  accepted.erase("hidden_states");
+  accepted.erase("timestep");
+  std::vector<std::string> ignored;
+  for (const std::string& name : file.names()) {
+    if (name == "latents" || accepted.count(name) > 0) {
+      if (name == "guidance" && o.guidance != 0) {
+        ignored.push_back("guidance (--guidance given)");
+        continue;
+      }
+      ASSIGN_OR_RETURN(torch::Tensor t, file.Get(name));
+      pb::Tensor* proto =
+          name == "latents" ? request.mutable_latents() : &(*request.mutable_inputs())[name];
+      RETURN_IF_ERROR(Annotate(server::TensorToProto(t, proto),
+                               absl::StrCat("--inputs ", o.inputs, ": '", name, "'")));
+    } else {
+      ignored.push_back(name);
+    }
+  }
+  if (!ignored.empty()) {
+    std::cerr << "note: tensors of " << o.inputs << " not sent (not among the " << md.class_name()
+              << " inputs a request gives): " << absl::StrJoin(ignored, ", ") << "\n";
+  }
+  if (request.latent_shape().empty() && !request.has_latents()) {
+    ASSIGN_OR_RETURN(std::vector<int64_t> shape, DeriveLatentShape(file, md.config_json()));
+    for (int64_t d : shape) request.add_latent_shape(d);
+  }
+  request.set_model(model);
+  request.set_seed(o.seed);
+  request.set_steps(o.steps);
+  request.set_guidance(o.guidance);
+  request.set_return_latents(!png);
+
+  ASSIGN_OR_RETURN(std::unique_ptr<grpc::ClientContext> ctx, client.Context(false));
+  std::optional<pb::GenerateResult> result;
+  grpc::Status status;
+  {
+    ProgressBar bar(stderr);
+    auto reader = client.stub().Generate(ctx.get(), request);
+    pb::GenerateResponse message;
+    while (reader->Read(&message)) {
+      if (message.has_progress()) {
+        const pb::GenerateProgress& p = message.progress();
+        bar.Update(p.step(), p.total_steps(), p.elapsed_seconds());
+      } else if (message.has_result()) {
+        result = std::move(*message.mutable_result());
+      }
+    }
+    bar.Finish();
+    status = reader->Finish();
+  }
+  if (!status.ok()) return RpcError(status);
+  if (!result.has_value()) {
+    return absl::InternalError("the server ended the Generate stream without a result");
+  }
+
+  std::vector<std::string> adapters;
+  nlohmann::json adapters_json = nlohmann::json::array();
+  for (const pb::AppliedAdapter& a : result->adapters()) {
+    adapters.push_back(absl::StrCat(a.name(), ":", a.weight(), " (sha256 ", a.sha256(), ")"));
+    adapters_json.push_back({{"name", a.name()}, {"weight", a.weight()}, {"sha256", a.sha256()}});
+  }
+  if (png) {
+    if (result->png().empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "-o ", o.output, ": this server/model returned latents only (no decoded image); ",
+          "write them with -o OUT.safetensors instead"));
+    }
+    std::ofstream out(o.output, std::ios::binary | std::ios::trunc);
+    out.write(result->png().data(), static_cast<std::streamsize>(result->png().size()));
+    out.close();
+    if (!out) return absl::InternalError(absl::StrCat("-o ", o.output, ": writing failed"));
+  } else {
+    if (!result->has_latents()) {
+      return absl::FailedPreconditionError("the server's result carries no latents");
+    }
+    ASSIGN_OR_RETURN(torch::Tensor latents,
+                     server::TensorFromProto(result->latents(), "result.latents"));
+    const std::map<std::string, std::string> metadata = {
+        {"model", result->model()},
+        {"model_sha256", result->model_sha256()},
+        {"seed", absl::StrCat(result->seed())},
+        {"steps", absl::StrCat(result->steps())},
+        {"guidance", absl::StrFormat("%.17g", result->guidance())},
+        {"latent_shape", absl::StrJoin(result->latent_shape(), ",")},
+        {"adapters", adapters_json.dump()},
+        {"seconds", absl::StrFormat("%.6f", result->seconds())},
+        {"queue_seconds", absl::StrFormat("%.6f", result->queue_seconds())},
+        {"target", o.target},
+    };
+    RETURN_IF_ERROR(Annotate(WriteSafetensors(o.output, {{"latents", latents}}, metadata),
+                             absl::StrCat("-o ", o.output)));
+  }
+  std::cout << "wrote " << o.output << (png ? " (png)" : " (tensor 'latents')") << "\n"
+            << "model " << result->model() << " (sha256 "
+            << (result->model_sha256().empty() ? "-" : result->model_sha256()) << ")\n"
+            << "seed " << result->seed() << ", steps " << result->steps() << ", guidance "
+            << result->guidance() << ", latent shape ["
+            << absl::StrJoin(result->latent_shape(), ", ") << "]\n"
+            << "adapters: " << (adapters.empty() ? "none" : absl::StrJoin(adapters, ", ")) << "\n"
+            << absl::StrFormat("%.3f s (queued %.3f s)\n", result->seconds(),
+                               result->queue_seconds());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool IsRemoteCommand(const std::string& command) {
+  static const std::set<std::string> kCommands = {"models",       "metadata",  "load-single-file",
+                                                  "unload-model", "load-lora", "unload-lora",
+                                                  "loras",        "health",    "generate"};
+  return kCommands.count(command) > 0;
+}
+
+int RunRemoteCommand(const std::string& command, const std::vector<std::string>& positional,
+                     const RemoteOptions& options) {
+  absl::Status status;
+  bool serving = true;
+  auto run = [&]() -> absl::Status {
+    if (command != "metadata" && !positional.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          command, " takes no positional arguments (got '", absl::StrJoin(positional, " "), "')"));
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(options));
+    if (command == "models") return Models(*client);
+    if (command == "metadata") return Metadata(*client, positional, options);
+    if (command == "load-single-file") return LoadSingleFile(*client, options);
+    if (command == "unload-model") return UnloadModel(*client, options);
+    if (command == "load-lora") return LoadLora(*client, options);
+    if (command == "unload-lora") return UnloadLora(*client, options);
+    if (command == "loras") return Loras(*client, options);
+    if (command == "generate") return Generate(*client, options);
+    if (command == "health") {
+      ASSIGN_OR_RETURN(serving, Health(*client, options));
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(absl::StrCat("'", command, "' is not a remote command"));
+  };
+  status = run();
+  if (!status.ok()) {
+    std::cout.flush();
+    std::cerr << "error: " << absl::StatusCodeToString(status.code()) << ": " << status.message()
+              << "\n";
+    return IsRpcError(status) ? kExitRpcError : kExitLocalError;
+  }
+  return serving ? kExitOk : kExitNotServing;
+}
+
+}  // namespace ds::cli

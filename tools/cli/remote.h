@@ -1,0 +1,104 @@
+// diffusion-cli's remote commands: a client of a running diffusion-server
+// (diffusion.v1.DiffusionService and grpc.health.v1.Health, proto/diffusion/v1/diffusion.proto)
+// over the generated C++ stubs.
+//
+//   models                          ListModels as a table (name, class, state, dtype, device,
+//                                   memory, adapters)
+//   metadata NAME [--verbose]       GetMetadata: the server's rendered feature table, plus the
+//                                   instance's live state when NAME is an instance
+//   load-single-file --name N --path P [--dtype D] [--device D] [--replace] [--config JSON]
+//   unload-model --name N
+//   load-lora [--model M] --name N (--path P | --file LOCAL) [--format-hint F] [--allow-partial]
+//             [--replace] [--pin]
+//   unload-lora [--model M] --name N
+//   loras [--model M]
+//   health [--service NAME]         grpc.health.v1 Check ("" = the server itself)
+//   generate [--model M] --inputs IN.safetensors -o OUT.(safetensors|png) [--latent-shape B,T,C]
+//            [--steps N] [--seed S] [--guidance G] [--lora NAME[:WEIGHT]]...
+//
+// Every command takes --target=host:port (default localhost:50051), --tls_ca=PEM (TLS with these
+// root certificates; plaintext without), --timeout=SECONDS (a deadline per call; 0 = none) and
+// --token_file=FILE (the admin bearer token, sent as `authorization: Bearer <token>` on the
+// management calls LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA only). An empty --model
+// means the server's default instance.
+//
+// Output: results on stdout; generate's progress bar on stderr (redrawn in place on a terminal,
+// one line per step otherwise); every error on stderr as `error: <CODE_NAME>: <message>`, the
+// gRPC status code name of the server's answer (or of the local failure).
+//
+// Thread-compatible; a command runs on the calling thread.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ds::cli {
+
+// Exit codes of a remote command.
+enum ExitCode : int {
+  kExitOk = 0,
+  // Bad invocation (missing or malformed flag, wrong positional arguments) or a local failure
+  // (unreadable file, unwritable output, a result that cannot be written as asked).
+  kExitLocalError = 1,
+  // (2 is diffusion-cli's "unknown command / no command".)
+  // The server, or the transport (e.g. UNAVAILABLE: nothing listening), answered with an error.
+  kExitRpcError = 3,
+  // health: the server answered, and the service is not SERVING.
+  kExitNotServing = 4,
+};
+
+// What a remote command needs; main.cc fills it from diffusion-cli's flags. Strings left empty
+// mean "not given".
+struct RemoteOptions {
+  // Connection.
+  std::string target = "localhost:50051";  // host:port (any gRPC target URI)
+  std::string token_file;                  // admin token file (whitespace around it trimmed)
+  std::string tls_ca;                      // PEM root certificates; set = TLS
+  double timeout_seconds = 0;              // deadline per call; 0 = none; must be >= 0
+
+  // Names and paths.
+  std::string model;  // instance name (load-lora, unload-lora, loras, generate); "" = default
+  std::string name;   // load-single-file/unload-model: instance; load-lora/unload-lora: adapter
+  std::string path;   // load-single-file, load-lora: server-side path (under the server's root)
+  std::string file;   // load-lora: a local file whose bytes are sent inline
+
+  // load-single-file.
+  std::string dtype;     // "float32", "bfloat16", "float16"; "" = the server's default
+  std::string device;    // "cpu", "cuda", "cuda:N"; "" = the server's default
+  std::string config;    // config override: inline JSON object text, or a local JSON file path
+  bool replace = false;  // also load-lora
+
+  // load-lora.
+  std::string format_hint;
+  bool allow_partial = false;
+  bool pin = false;
+  // Rejected when set: an adapter's weight is chosen per Generate request (generate --lora
+  // NAME:WEIGHT), there is nothing it could mean at load time.
+  std::string weight;
+
+  // metadata.
+  bool verbose = false;
+
+  // health.
+  std::string service;
+
+  // generate.
+  std::string inputs;        // safetensors file of forward inputs (and optionally `latents`)
+  std::string output;        // .safetensors (tensor `latents` + echoed parameters) or .png
+  std::string latent_shape;  // "B,T,C"; "" = derived (see generate in the usage)
+  int64_t steps = 0;         // 0 = the server's default
+  int64_t seed = 0;
+  double guidance = 0;             // 0 = the server's default (or the inputs' `guidance`)
+  std::vector<std::string> loras;  // NAME[:WEIGHT], in order
+};
+
+// True for the command names above.
+bool IsRemoteCommand(const std::string& command);
+
+// Runs `command` (one of the above) with its positional arguments (after the command name).
+// Prints as described in the file comment and returns an ExitCode.
+int RunRemoteCommand(const std::string& command, const std::vector<std::string>& positional,
+                     const RemoteOptions& options);
+
+}  // namespace ds::cli
