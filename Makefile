@@ -38,6 +38,7 @@ bench: build
 	$(BUILD_DIR)/bench/safetensors_mmap_bench
 	$(BUILD_DIR)/bench/single_file_bench
 	$(BUILD_DIR)/bench/lora_bench
+	$(BUILD_DIR)/bench/pipeline_bench
 	$(BUILD_DIR)/bench/server_bench
 
 clean:

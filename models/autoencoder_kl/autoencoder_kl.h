@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "handlers/image_decoder.h"
 #include "handlers/model.h"
 #include "handlers/safetensors.h"
 #include "models/autoencoder_kl/config.h"
@@ -275,8 +276,10 @@ TORCH_MODULE(AutoencoderKL);
 
 // ---------------------------------------------------------------------------------------------
 
-// The ds::DiffusionModel for AutoencoderKL: the module plus validated entry points.
-class AutoencoderKLModel final : public ds::DiffusionModel {
+// The ds::DiffusionModel for AutoencoderKL: the module plus validated entry points. It is also a
+// ds::LatentImageDecoder (handlers/image_decoder.h), which is how pipelines of other model folders
+// reach it.
+class AutoencoderKLModel final : public ds::DiffusionModel, public ds::LatentImageDecoder {
  public:
   // INVALID_ARGUMENT for an invalid config (naming the field), an unsupported dtype
   // (float32/bfloat16/float16 only) or device type (cpu/cuda only); UNIMPLEMENTED for CUDA when
@@ -310,6 +313,16 @@ class AutoencoderKLModel final : public ds::DiffusionModel {
   // stride-2 level needs at least 2 rows and columns); INTERNAL if LibTorch fails.
   absl::StatusOr<Posterior> Encode(const torch::Tensor& x,
                                    Intermediates* intermediates = nullptr) const;
+
+  // ds::LatentImageDecoder: Decode(z); the config's scaling_factor, shift_factor (0 when null),
+  // scale_factor() and latent_channels.
+  absl::StatusOr<torch::Tensor> DecodeLatents(const torch::Tensor& z) const override {
+    return Decode(z);
+  }
+  double latent_scaling_factor() const override { return vae_config().scaling_factor; }
+  double latent_shift_factor() const override { return vae_config().shift_factor.value_or(0.0); }
+  int64_t spatial_scale_factor() const override { return vae_config().scale_factor(); }
+  int64_t latent_channels() const override { return vae_config().latent_channels; }
 
   const AutoencoderKLConfig& vae_config() const { return model_->config(); }
   AutoencoderKL& autoencoder() { return model_; }

@@ -1,0 +1,240 @@
+// FluxPipeline overhead: time per denoising step of the pipeline versus the bare transformer
+// forward at the same shapes (issue 6 target: <= 1.05x), and the VAE decode time, on a mid-size
+// configuration with random weights.
+//
+//   pipeline_bench [--threads N] [--layers 2] [--single_layers 4] [--heads 8] [--head_dim 64]
+//                  [--size 256] [--txt_tokens 128] [--steps 4] [--rounds 5]
+//                  [--vae_channels 32,64,128,128]
+//
+// Rounds are interleaved so both sides see the same machine load: each round runs one Generate of
+// --steps steps (latents only; per-step times from the step callback, callback to callback, so a
+// step includes the timestep tensor, the forward, the scheduler step and bookkeeping) and --steps
+// bare forwards of the same transformer on the same inputs. Reported: the median over rounds of
+// (median pipeline step / median bare forward), the whole denoise loop per step (setup included:
+// noise, packing, ids, schedule), and separately the VAE decode (+ postprocess) of one image.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "handlers/image_decoder.h"
+#include "handlers/lora_host.h"
+#include "handlers/registry.h"
+#include "handlers/state_dict.h"
+#include "models/flux/latents.h"
+#include "models/flux/pipeline.h"
+
+ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurrency()),
+          "intra-op threads (torch::set_num_threads)");
+ABSL_FLAG(int32_t, layers, 2, "double-stream blocks");
+ABSL_FLAG(int32_t, single_layers, 4, "single-stream blocks");
+ABSL_FLAG(int32_t, heads, 8, "attention heads");
+ABSL_FLAG(int32_t, head_dim, 64, "attention head dim");
+ABSL_FLAG(int32_t, size, 256, "image height and width in pixels (multiple of 16)");
+ABSL_FLAG(int32_t, txt_tokens, 128, "text tokens");
+ABSL_FLAG(int32_t, steps, 4, "denoising steps per Generate");
+ABSL_FLAG(int32_t, rounds, 5, "interleaved rounds (median reported)");
+ABSL_FLAG(std::string, vae_channels, "32,64,128,128",
+          "VAE block_out_channels (FLUX.1: 128,256,512,512); 4 levels = scale factor 8");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// RoPE axes for a head dim: Flux's (16, 56, 56) scaled to head_dim, every entry even.
+std::vector<int64_t> RopeAxes(int64_t head_dim) {
+  const int64_t first = std::max<int64_t>(2, (head_dim / 8) / 2 * 2);
+  const int64_t rest = head_dim - first;
+  const int64_t second = rest / 2 / 2 * 2;
+  return {first, second, rest - second};
+}
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "pipeline_bench: %s\n", s.ToString().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const int threads = std::max(1, absl::GetFlag(FLAGS_threads));
+  torch::set_num_threads(threads);
+  const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
+  const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+  const int64_t size = absl::GetFlag(FLAGS_size);
+  const int64_t txt_tokens = absl::GetFlag(FLAGS_txt_tokens);
+  std::vector<int64_t> vae_channels;
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_vae_channels), ',')) {
+    int64_t c = 0;
+    if (!absl::SimpleAtoi(part, &c) || c < 1) {
+      std::fprintf(stderr, "bad --vae_channels\n");
+      return 2;
+    }
+    vae_channels.push_back(c);
+  }
+
+  // A guidance-distilled (dev-like) transformer and a FLUX-layout VAE, random weights, built
+  // through the registry as a server would find them.
+  const nlohmann::json transformer_config = {
+      {"num_layers", absl::GetFlag(FLAGS_layers)},
+      {"num_single_layers", absl::GetFlag(FLAGS_single_layers)},
+      {"num_attention_heads", absl::GetFlag(FLAGS_heads)},
+      {"attention_head_dim", absl::GetFlag(FLAGS_head_dim)},
+      {"axes_dims_rope", RopeAxes(absl::GetFlag(FLAGS_head_dim))},
+      {"joint_attention_dim", 1024},
+      {"pooled_projection_dim", 256},
+      {"guidance_embeds", true},
+  };
+  const std::vector<std::string> down(vae_channels.size(), "DownEncoderBlock2D");
+  const std::vector<std::string> up(vae_channels.size(), "UpDecoderBlock2D");
+  const nlohmann::json vae_config = {
+      {"block_out_channels", vae_channels},
+      {"down_block_types", down},
+      {"up_block_types", up},
+      {"latent_channels", 16},
+      {"layers_per_block", 2},
+      {"norm_num_groups", 32},
+      {"scaling_factor", 0.3611},
+      {"shift_factor", 0.1159},
+      {"use_quant_conv", false},
+      {"use_post_quant_conv", false},
+  };
+  auto flux_spec = ds::ModelRegistry::Global().Find("FluxTransformer2DModel");
+  auto vae_spec = ds::ModelRegistry::Global().Find("AutoencoderKL");
+  if (!flux_spec.ok()) return Fail(flux_spec.status());
+  if (!vae_spec.ok()) return Fail(vae_spec.status());
+  auto transformer = (*flux_spec)->factory(transformer_config, ds::ModelOptions{});
+  if (!transformer.ok()) return Fail(transformer.status());
+  auto vae_model = (*vae_spec)->factory(vae_config, ds::ModelOptions{});
+  if (!vae_model.ok()) return Fail(vae_model.status());
+  ds::InitRandomWeights((*transformer)->module(), 0);
+  ds::InitRandomWeights((*vae_model)->module(), 1);
+  std::shared_ptr<const ds::DiffusionModel> vae_owner(std::move(vae_model).value());
+  const auto* decoder = dynamic_cast<const ds::LatentImageDecoder*>(vae_owner.get());
+  if (decoder == nullptr) return Fail(absl::InternalError("AutoencoderKL is no decoder"));
+
+  ds::flux::FluxPipelineComponents components;
+  components.transformer = std::make_shared<ds::LoraHost>(
+      std::shared_ptr<ds::DiffusionModel>(std::move(transformer).value()), (*flux_spec)->lora);
+  components.vae = std::shared_ptr<const ds::LatentImageDecoder>(vae_owner, decoder);
+  components.scheduler = ds::FlowMatchEulerConfig::FluxDev();
+  auto pipeline = ds::flux::FluxPipeline::Create(components);
+  if (!pipeline.ok()) return Fail(pipeline.status());
+  const ds::flux::FluxConfig& cfg = (*pipeline)->transformer_config();
+
+  torch::manual_seed(0);
+  ds::flux::FluxPipelineRequest request;
+  request.prompt_embeds = torch::randn({txt_tokens, cfg.joint_attention_dim});
+  request.pooled_prompt_embeds = torch::randn({cfg.pooled_projection_dim});
+  request.height = size;
+  request.width = size;
+  request.num_inference_steps = steps;
+  request.seed = 0;
+  request.decode = false;
+
+  // The bare forward's inputs: exactly the shapes and values a pipeline step hands over.
+  const int64_t s = (*pipeline)->vae_scale_factor();
+  auto shape = ds::flux::LatentShape(1, (*pipeline)->num_channels_latents(), size, size, s);
+  if (!shape.ok()) return Fail(shape.status());
+  auto packed = ds::flux::PackLatents(torch::randn(*shape));
+  auto img_ids =
+      ds::flux::LatentImageIds((*shape)[2] / 2, (*shape)[3] / 2, torch::kFloat32, torch::kCPU);
+  auto txt_ids = ds::flux::TextIds(txt_tokens, torch::kFloat32, torch::kCPU);
+  if (!packed.ok() || !img_ids.ok() || !txt_ids.ok()) return Fail(absl::InternalError("inputs"));
+  ds::TensorMap inputs = {
+      {"hidden_states", *packed},
+      {"encoder_hidden_states", request.prompt_embeds.unsqueeze(0)},
+      {"pooled_projections", request.pooled_prompt_embeds.unsqueeze(0)},
+      {"timestep", torch::full({1}, 0.5)},
+      {"img_ids", *img_ids},
+      {"txt_ids", *txt_ids},
+      {"guidance", torch::full({1}, 3.5)},
+  };
+  const ds::LoraHost& host = *components.transformer;
+
+  std::vector<double> step_times;
+  Clock::time_point last;
+  auto on_step = [&](int step, int) {
+    const auto now = Clock::now();
+    if (step > 0) step_times.push_back(Seconds(last, now));
+    last = now;
+    return absl::OkStatus();
+  };
+  // Warm-up of both paths.
+  if (auto r = (*pipeline)->Generate(request, on_step); !r.ok()) return Fail(r.status());
+  if (auto r = host.Forward(inputs); !r.ok()) return Fail(r.status());
+
+  std::vector<double> ratios, loop_ratios, step_med, fwd_med, loop_per_step;
+  for (int round = 0; round < rounds; ++round) {
+    step_times.clear();
+    const auto start = Clock::now();
+    auto result = (*pipeline)->Generate(request, on_step);
+    const double whole = Seconds(start, Clock::now());
+    if (!result.ok()) return Fail(result.status());
+    std::vector<double> fwd;
+    for (int i = 0; i < steps; ++i) {
+      const auto t0 = Clock::now();
+      auto out = host.Forward(inputs);
+      fwd.push_back(Seconds(t0, Clock::now()));
+      if (!out.ok()) return Fail(out.status());
+    }
+    const double f = Median(fwd);
+    step_med.push_back(Median(step_times));
+    fwd_med.push_back(f);
+    loop_per_step.push_back(whole / steps);
+    ratios.push_back(step_med.back() / f);
+    loop_ratios.push_back(loop_per_step.back() / f);
+  }
+
+  // VAE decode (+ postprocess to [0, 1]) of one image, timed inside Generate.
+  std::vector<double> decode_s;
+  request.decode = true;
+  request.num_inference_steps = 1;
+  for (int round = 0; round < std::max(1, rounds / 2); ++round) {
+    auto r = (*pipeline)->Generate(request);
+    if (!r.ok()) return Fail(r.status());
+    decode_s.push_back(r->decode_seconds);
+  }
+
+  std::printf(
+      "pipeline_bench: threads=%d layers=%lld single_layers=%lld heads=%lld head_dim=%lld "
+      "image=%lldx%lld (%lld image tokens) txt_tokens=%lld steps=%d rounds=%d\n",
+      threads, static_cast<long long>(cfg.num_layers),
+      static_cast<long long>(cfg.num_single_layers),
+      static_cast<long long>(cfg.num_attention_heads),
+      static_cast<long long>(cfg.attention_head_dim), static_cast<long long>(size),
+      static_cast<long long>(size), static_cast<long long>(packed->size(1)),
+      static_cast<long long>(txt_tokens), steps, rounds);
+  std::printf("  bare transformer forward:         median %.2f ms\n", Median(fwd_med) * 1e3);
+  std::printf("  pipeline step (callback to callback): median %.2f ms\n", Median(step_med) * 1e3);
+  std::printf(
+      "  ratio step / forward:             median %.4f (min %.4f, max %.4f) [target <= 1.05]\n",
+      Median(ratios), *std::min_element(ratios.begin(), ratios.end()),
+      *std::max_element(ratios.begin(), ratios.end()));
+  std::printf("  whole denoise loop / steps:       median %.2f ms, ratio %.4f (setup included)\n",
+              Median(loop_per_step) * 1e3, Median(loop_ratios));
+  std::printf(
+      "  VAE decode + postprocess (1 image %lldx%lld, block_out_channels %s): median %.1f ms\n",
+      static_cast<long long>(size), static_cast<long long>(size),
+      absl::GetFlag(FLAGS_vae_channels).c_str(), Median(decode_s) * 1e3);
+  return 0;
+}
