@@ -183,6 +183,8 @@ int main(int argc, char** argv) {
   // Models: the preload config, or the embedded default.
   ds::server::ModelManagerOptions manager_options;
   manager_options.lora.memory_budget_bytes = options.adapter_memory_budget_bytes;
+  manager_options.pipeline.max_inference_steps = options.max_steps;
+  manager_options.pipeline.max_batch = options.max_batch;
   auto models = std::make_shared<ds::server::ModelManager>(manager_options);
   ds::server::PreloadConfig preload;
   if (!options.config_file.empty()) {

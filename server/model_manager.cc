@@ -75,6 +75,47 @@ absl::StatusOr<ModelInstance> MakeInstance(const std::string& name,
   return instance;
 }
 
+// Wraps a loaded pipeline as an instance: `host` is its transformer's LoraHost, sharing the
+// pipeline's ownership; the spec is its transformer's registry entry.
+absl::StatusOr<ModelInstance> MakePipelineInstance(
+    const std::string& name, const std::shared_ptr<const DiffusionPipeline>& pipeline) {
+  LoraHost& host = pipeline->transformer_host();
+  const DiffusionModel& model = host.model();
+  ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find(model.class_name()));
+  ModelInstance instance;
+  instance.name = name;
+  instance.spec = spec;
+  instance.pipeline = pipeline;
+  instance.host = std::shared_ptr<LoraHost>(pipeline, &host);
+  instance.dtype = DtypeName(model.options().dtype);
+  instance.device = model.options().device.str();
+  instance.variant = pipeline->describe().variant;
+  for (const auto& [key, t] : NamedTensors(model.module())) {
+    instance.parameter_bytes += static_cast<int64_t>(t.numel() * t.element_size());
+  }
+  return instance;
+}
+
+// The human-readable part of a pipeline's load report: class, components, limits.
+std::string PipelineReport(const DiffusionPipeline& pipeline) {
+  const PipelineDescription d = pipeline.describe();
+  const PipelineLimits l = pipeline.limits();
+  std::string out = absl::StrCat("  class: ", pipeline.class_name(), "\n  variant: ",
+                                 d.variant.empty() ? "unknown" : d.variant, "\n");
+  for (const auto& [name, class_name] : d.classes) {
+    auto source = d.sources.find(name);
+    absl::StrAppend(&out, "  ", name, ": ", class_name, " from ",
+                    source == d.sources.end() ? "?" : source->second, "\n");
+  }
+  for (const auto& [name, why] : d.not_loaded) {
+    absl::StrAppend(&out, "  ", name, ": not loaded (", why, ")\n");
+  }
+  absl::StrAppend(&out, "  sizes: multiples of ", l.image_size_multiple, ", default ",
+                  l.default_width, "x", l.default_height, ", at most ", l.options.max_image_side,
+                  " per side\n");
+  return out;
+}
+
 }  // namespace
 
 const nlohmann::json& EmbeddedDefaultConfig() {
@@ -237,6 +278,21 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
     model_options.device = device;
     std::unique_ptr<DiffusionModel> model;
     std::string report, variant;
+    if (is_dir && IsPipelineFolder(request.path)) {
+      PipelineLoadOptions pipeline_options;
+      pipeline_options.model = model_options;
+      pipeline_options.pipeline = options_.pipeline;
+      pipeline_options.lora = options_.lora;
+      ASSIGN_OR_RETURN(std::unique_ptr<DiffusionPipeline> loaded,
+                       LoadPipelineFromFolder(request.path, pipeline_options));
+      std::shared_ptr<const DiffusionPipeline> pipeline(std::move(loaded));
+      ASSIGN_OR_RETURN(ModelInstance instance, MakePipelineInstance(request.name, pipeline));
+      ASSIGN_OR_RETURN(instance.sha256, WeightsDigest(request.path));
+      instance.source = request.path;
+      instance.report = absl::StrCat("diffusers pipeline folder ", request.path, "\n",
+                                     PipelineReport(*pipeline));
+      return instance;
+    }
     if (is_dir) {
       ASSIGN_OR_RETURN(model, LoadModelFromFolder(request.path, model_options));
       report =

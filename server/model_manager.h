@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "handlers/lora_host.h"
+#include "handlers/pipeline.h"
 #include "handlers/registry.h"
 
 namespace ds::server {
@@ -42,6 +43,10 @@ struct ModelInstance {
   std::string name;
   const ModelSpec* spec = nullptr;  // the registry entry of its class (static lifetime)
   std::shared_ptr<LoraHost> host;   // owns the model; thread-safe
+  // Set for an instance loaded from a diffusers pipeline folder (model_index.json): the pipeline,
+  // whose transformer_host() `host` is (host shares the pipeline's ownership). Null for a bare
+  // model instance.
+  std::shared_ptr<const DiffusionPipeline> pipeline;
   std::string source;               // "embedded" or the resolved server-side path
   std::string sha256;               // of the weights' bytes ("" when embedded)
   std::string variant;              // detected checkpoint variant ("flux-dev", ...) or ""
@@ -64,8 +69,10 @@ struct InstanceStatus {
 
 struct LoadModelRequest {
   std::string name;  // [A-Za-z0-9._-], 1..128 characters
-  // A resolved path (the caller confines it to its root): a diffusers model folder (config.json +
-  // weights, or a pipeline folder with transformer/) or one .safetensors single file.
+  // A resolved path (the caller confines it to its root): a diffusers pipeline folder (has
+  // model_index.json; loaded through ds::PipelineRegistry by its "_class_name" as a pipeline
+  // instance), a diffusers model folder (config.json + weights, or a folder with transformer/) or
+  // one .safetensors single file.
   std::string path;
   // Single files only: config fields overriding the ones derived from the weights (an object, or
   // null for none).
@@ -84,6 +91,7 @@ struct LoadModelResult {
 
 struct ModelManagerOptions {
   LoraHostOptions lora;  // for every instance's adapter store
+  PipelineOptions pipeline;  // request limits of pipeline instances
 };
 
 // The embedded default model: a tiny FluxTransformer2DModel config (diffusers config.json) whose
@@ -121,7 +129,8 @@ class ModelManager {
 
   // Loads `request.path` as `request.name`. INVALID_ARGUMENT for a bad name, dtype or device, a
   // config override given for a folder, or a checkpoint that does not load (see single_file.h,
-  // LoadModelFromFolder); NOT_FOUND for a missing path or an unregistered class; ALREADY_EXISTS
+  // LoadModelFromFolder, LoadPipelineFromFolder); NOT_FOUND for a missing path or an unregistered
+  // class; UNIMPLEMENTED for an unregistered pipeline class; ALREADY_EXISTS
   // when the name serves and !replace; UNAVAILABLE while another load of the name is in progress;
   // UNIMPLEMENTED for an unavailable device (CUDA); INTERNAL if LibTorch fails.
   absl::StatusOr<LoadModelResult> Load(const LoadModelRequest& request);

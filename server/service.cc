@@ -21,6 +21,7 @@
 #include "absl/strings/str_replace.h"
 #include "handlers/flow_match.h"
 #include "handlers/model_metadata.h"
+#include "handlers/pipeline.h"
 #include "handlers/registry.h"
 #include "handlers/status.h"
 #include "server/grpc_status.h"
@@ -201,6 +202,13 @@ struct DiffusionService::GenerateJob {
   int64_t seed = 0;
   int steps = 0;
   double guidance = 0;  // echoed
+  // Pipeline instances: the request (adapters are set from `stack` when it runs), what to return
+  // and the resolved size.
+  PipelineRequest pipeline_request;
+  bool want_png = false;
+  bool want_latents = false;
+  int64_t width = 0;
+  int64_t height = 0;
   std::chrono::system_clock::time_point deadline;
   SteadyClock::time_point arrived;
 };
@@ -375,6 +383,23 @@ void DiffusionService::FillInstance(const InstanceStatus& status, pb::ModelInsta
   for (const AdapterInfo& a : inst->host->List()) FillLoRAInfo(a, out->add_adapters());
   out->set_source(inst->source);
   out->set_sha256(inst->sha256);
+  if (inst->pipeline != nullptr) {
+    out->set_pipeline_class(inst->pipeline->class_name());
+    const PipelineDescription d = inst->pipeline->describe();
+    for (const auto& [name, class_name] : d.classes) {
+      pb::PipelineComponent* c = out->add_components();
+      c->set_name(name);
+      c->set_class_name(class_name);
+      if (auto it = d.sources.find(name); it != d.sources.end()) c->set_source(it->second);
+      c->set_loaded(true);
+    }
+    for (const auto& [name, why] : d.not_loaded) {
+      pb::PipelineComponent* c = out->add_components();
+      c->set_name(name);
+      c->set_loaded(false);
+      c->set_reason(why);
+    }
+  }
 }
 
 void DiffusionService::FillLimits(pb::GenerateLimits* out) const {
@@ -411,6 +436,7 @@ absl::Status DiffusionService::DoGetMetadata(const pb::GetMetadataRequest& reque
   }
   log->set_model(name);
   const ModelSpec* spec = nullptr;
+  std::shared_ptr<const DiffusionPipeline> pipeline;  // of a pipeline instance
   std::vector<std::string> instance_names;
   for (const InstanceStatus& s : models_->List()) {
     if (s.state == InstanceState::kUnloading) continue;
@@ -419,6 +445,7 @@ absl::Status DiffusionService::DoGetMetadata(const pb::GetMetadataRequest& reque
     if (s.instance == nullptr) return models_->Get(name).status();  // LOADING / FAILED
     const ModelInstance& inst = *s.instance;
     spec = inst.spec;
+    pipeline = inst.pipeline;
     FillInstance(s, response->mutable_instance());
     response->set_config_json(inst.model().config().dump());
     for (const std::string& in : inst.model().required_inputs()) {
@@ -445,6 +472,20 @@ absl::Status DiffusionService::DoGetMetadata(const pb::GetMetadataRequest& reque
   for (const FeatureRow& row : metadata.rows()) FillFeatureRow(row, response->add_features());
   response->set_table(metadata.Render(request.verbose()));
   FillLimits(response->mutable_limits());
+  if (pipeline != nullptr) {
+    const PipelineLimits l = pipeline->limits();
+    pb::GenerateLimits* out = response->mutable_limits();
+    out->set_max_steps(std::min(options_.max_steps, l.options.max_inference_steps));
+    out->set_max_batch(std::min(options_.max_batch, l.options.max_batch));
+    out->set_image_size_multiple(l.image_size_multiple);
+    out->set_max_image_side(l.options.max_image_side);
+    out->set_default_width(l.default_width);
+    out->set_default_height(l.default_height);
+    out->set_prompt_embeds_dim(l.prompt_embeds_dim);
+    out->set_pooled_prompt_embeds_dim(l.pooled_prompt_embeds_dim);
+    out->set_latent_channels(l.latent_channels);
+    out->set_guidance_embeds(l.guidance_embeds);
+  }
   return absl::OkStatus();
 }
 
@@ -695,6 +736,53 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
                      options_.default_guidance, "), got ", request.guidance()));
   }
 
+  // The request's one adapter snapshot, used for every step.
+  auto snapshot = [&]() -> absl::Status {
+    absl::StatusOr<AdapterStackPtr> stack = job->instance->host->Snapshot(adapters);
+    if (metrics_ != nullptr && !adapters.empty()) {
+      if (stack.ok()) {
+        for (size_t i = 0; i < adapters.size(); ++i) metrics_->AdapterLookup(job->model_name, true);
+      } else if (absl::IsNotFound(stack.status())) {
+        metrics_->AdapterLookup(job->model_name, false);
+      }
+    }
+    if (!stack.ok()) return Annotate(stack.status(), "adapters");
+    job->stack = *std::move(stack);
+    return absl::OkStatus();
+  };
+
+  if (job->instance->pipeline != nullptr) {
+    RETURN_IF_ERROR(PreparePipelineGenerate(request, job.get()));
+    RETURN_IF_ERROR(snapshot());
+    return job;
+  }
+  // A bare model takes latents and forward inputs only.
+  {
+    const char* pipeline_field = nullptr;
+    if (request.has_prompt_embeds()) pipeline_field = "prompt_embeds";
+    if (request.has_pooled_prompt_embeds()) pipeline_field = "pooled_prompt_embeds";
+    if (request.has_negative_prompt_embeds()) pipeline_field = "negative_prompt_embeds";
+    if (request.has_negative_pooled_prompt_embeds()) {
+      pipeline_field = "negative_pooled_prompt_embeds";
+    }
+    if (request.has_noise()) pipeline_field = "noise";
+    if (request.width() != 0) pipeline_field = "width";
+    if (request.height() != 0) pipeline_field = "height";
+    if (request.num_images() != 0) pipeline_field = "num_images";
+    if (request.true_cfg_scale() != 0) pipeline_field = "true_cfg_scale";
+    if (request.output() == pb::GenerateRequest::OUTPUT_PNG ||
+        request.output() == pb::GenerateRequest::OUTPUT_PNG_AND_LATENTS) {
+      pipeline_field = "output";
+    }
+    if (pipeline_field != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          pipeline_field, ": only pipeline instances take it; '", job->model_name,
+          "' is a bare ", model.class_name(),
+          " (give `inputs` and `latents`/`latent_shape`, or load a diffusers pipeline folder with "
+          "model_index.json)"));
+    }
+  }
+
   // Forward inputs by name.
   const std::vector<std::string> required = model.required_inputs();
   const std::vector<std::string> optional = model.optional_inputs();
@@ -792,18 +880,115 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
     }
   }
 
-  // The request's one adapter snapshot, used for every step.
-  absl::StatusOr<AdapterStackPtr> stack = job->instance->host->Snapshot(adapters);
-  if (metrics_ != nullptr && !adapters.empty()) {
-    if (stack.ok()) {
-      for (size_t i = 0; i < adapters.size(); ++i) metrics_->AdapterLookup(job->model_name, true);
-    } else if (absl::IsNotFound(stack.status())) {
-      metrics_->AdapterLookup(job->model_name, false);
+  RETURN_IF_ERROR(snapshot());
+  return job;
+}
+
+absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest& request,
+                                                       GenerateJob* job) const {
+  const DiffusionPipeline& pipeline = *job->instance->pipeline;
+  const PipelineLimits limits = pipeline.limits();
+  const std::string what =
+      absl::StrCat("'", job->model_name, "' is a ", pipeline.class_name(),
+                   " instance (give prompt_embeds, pooled_prompt_embeds, width, height; `noise` "
+                   "for explicit initial noise)");
+  if (!request.inputs().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("inputs: not used: ", what));
+  }
+  if (request.has_latents() || request.latent_shape_size() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        request.has_latents() ? "latents" : "latent_shape", ": not used: ", what));
+  }
+  if (!request.has_prompt_embeds()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt_embeds: required: ", what));
+  }
+  PipelineRequest& r = job->pipeline_request;
+  ASSIGN_OR_RETURN(r.prompt_embeds, TensorFromProto(request.prompt_embeds(), "prompt_embeds"));
+  if (r.prompt_embeds.dim() >= 2 && r.prompt_embeds.size(-2) > options_.max_text_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt_embeds: ", r.prompt_embeds.size(-2),
+                                                   " text tokens exceed max_text_tokens ",
+                                                   options_.max_text_tokens));
+  }
+  if (request.has_pooled_prompt_embeds()) {
+    ASSIGN_OR_RETURN(r.pooled_prompt_embeds,
+                     TensorFromProto(request.pooled_prompt_embeds(), "pooled_prompt_embeds"));
+  } else if (limits.needs_pooled_prompt_embeds) {
+    return absl::InvalidArgumentError(absl::StrCat("pooled_prompt_embeds: required: ", what));
+  }
+  if (request.has_negative_prompt_embeds()) {
+    ASSIGN_OR_RETURN(r.negative_prompt_embeds,
+                     TensorFromProto(request.negative_prompt_embeds(), "negative_prompt_embeds"));
+    if (r.negative_prompt_embeds.dim() >= 2 &&
+        r.negative_prompt_embeds.size(-2) > options_.max_text_tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("negative_prompt_embeds: ", r.negative_prompt_embeds.size(-2),
+                       " text tokens exceed max_text_tokens ", options_.max_text_tokens));
     }
   }
-  if (!stack.ok()) return Annotate(stack.status(), "adapters");
-  job->stack = *std::move(stack);
-  return job;
+  if (request.has_negative_pooled_prompt_embeds()) {
+    ASSIGN_OR_RETURN(r.negative_pooled_prompt_embeds,
+                     TensorFromProto(request.negative_pooled_prompt_embeds(),
+                                     "negative_pooled_prompt_embeds"));
+  }
+  if (!std::isfinite(request.true_cfg_scale()) || request.true_cfg_scale() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "true_cfg_scale: must be finite and >= 0 (0 = off), got ", request.true_cfg_scale()));
+  }
+  r.true_cfg_scale = request.true_cfg_scale() == 0 ? 1.0 : request.true_cfg_scale();
+  for (const auto& [field, value] : {std::pair<const char*, int64_t>{"width", request.width()},
+                                     {"height", request.height()}}) {
+    if (value < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ": must be >= 0 (0 = the default ", limits.default_width, "x",
+          limits.default_height, "), got ", value));
+    }
+  }
+  job->width = request.width() == 0 ? limits.default_width : request.width();
+  job->height = request.height() == 0 ? limits.default_height : request.height();
+  r.width = job->width;
+  r.height = job->height;
+  if (request.num_images() < 0 || request.num_images() > options_.max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat("num_images: must be in [0, ",
+                                                   options_.max_batch, "] (0 = 1), got ",
+                                                   request.num_images()));
+  }
+  r.num_images_per_prompt = request.num_images() == 0 ? 1 : request.num_images();
+  r.num_inference_steps = job->steps;
+  job->guidance = request.guidance() == 0 ? options_.default_guidance : request.guidance();
+  r.guidance_scale = job->guidance;
+  if (request.has_noise()) {
+    ASSIGN_OR_RETURN(r.latents, TensorFromProto(request.noise(), "noise"));
+    job->seed = 0;
+  } else {
+    job->seed = request.seed();
+    r.seed = static_cast<uint64_t>(request.seed());
+  }
+  switch (request.output()) {
+    case pb::GenerateRequest::OUTPUT_DEFAULT:
+      job->want_png = limits.can_decode;
+      job->want_latents = request.return_latents() || !limits.can_decode;
+      break;
+    case pb::GenerateRequest::OUTPUT_PNG:
+      job->want_png = true;
+      job->want_latents = request.return_latents();
+      break;
+    case pb::GenerateRequest::OUTPUT_LATENTS:
+      job->want_latents = true;
+      break;
+    case pb::GenerateRequest::OUTPUT_PNG_AND_LATENTS:
+      job->want_png = job->want_latents = true;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("output: unknown value ", static_cast<int>(request.output())));
+  }
+  if (job->want_png && !limits.can_decode) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "output: '", job->model_name, "' has no vae component, so it cannot make images; "
+        "request OUTPUT_LATENTS"));
+  }
+  r.decode = r.png = job->want_png;
+  return absl::OkStatus();
 }
 
 void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
@@ -814,11 +999,6 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
   auto run = [&]() -> absl::Status {
     const ModelInstance& inst = *job.instance;
     const ModelOptions& mo = inst.model().options();
-    torch::Tensor latents = job.latents;
-    if (!latents.defined()) {
-      ASSIGN_OR_RETURN(latents, SeededNoise(job.latent_shape, static_cast<uint64_t>(job.seed),
-                                            mo.dtype, mo.device));
-    }
     if (!mo.device.is_cpu()) {
       // Wire tensors arrive on the CPU; the model's dtype rules stay the model's business.
       for (auto& [name, t] : job.inputs) {
@@ -856,17 +1036,47 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
       }
       return absl::OkStatus();
     };
-    ASSIGN_OR_RETURN(torch::Tensor out, DenoiseFlowMatchEuler(*inst.host, job.inputs, latents,
-                                                              job.steps, job.stack.get(), on_step));
     pb::GenerateResponse message;
     pb::GenerateResult* result = message.mutable_result();
-    RETURN_IF_ERROR(TensorToProto(out, result->mutable_latents()));
+    if (inst.pipeline != nullptr) {
+      PipelineRequest request = job.pipeline_request;
+      request.adapters = job.stack;
+      ASSIGN_OR_RETURN(PipelineResult out, inst.pipeline->Generate(request, on_step));
+      if (job.want_latents) {
+        ASSIGN_OR_RETURN(torch::Tensor cpu, TorchCall("copying the latents to the CPU", [&] {
+                           return out.latents.to(torch::kCPU).contiguous();
+                         }));
+        RETURN_IF_ERROR(TensorToProto(cpu, result->mutable_latents()));
+      }
+      for (std::string& png : out.png) result->add_images(std::move(png));
+      if (result->images_size() > 0) result->set_png(result->images(0));
+      result->set_seed(out.seed.has_value() ? static_cast<int64_t>(*out.seed) : 0);
+      result->set_steps(out.steps);
+      result->set_guidance(out.guidance_scale);
+      result->set_guidance_applied(out.guidance_applied);
+      result->set_true_cfg_applied(out.true_cfg_applied);
+      result->set_width(job.width);
+      result->set_height(job.height);
+      result->set_decode_seconds(out.decode_seconds);
+      for (int64_t d : out.latents.sizes()) result->add_latent_shape(d);
+    } else {
+      torch::Tensor latents = job.latents;
+      if (!latents.defined()) {
+        ASSIGN_OR_RETURN(latents, SeededNoise(job.latent_shape, static_cast<uint64_t>(job.seed),
+                                              mo.dtype, mo.device));
+      }
+      ASSIGN_OR_RETURN(torch::Tensor out,
+                       DenoiseFlowMatchEuler(*inst.host, job.inputs, latents, job.steps,
+                                             job.stack.get(), on_step));
+      RETURN_IF_ERROR(TensorToProto(out, result->mutable_latents()));
+      result->set_seed(job.seed);
+      result->set_steps(job.steps);
+      result->set_guidance(job.guidance);
+      result->set_guidance_applied(job.inputs.count("guidance") > 0);
+      for (int64_t d : job.latent_shape) result->add_latent_shape(d);
+    }
     result->set_model(job.model_name);
     result->set_model_sha256(inst.sha256);
-    result->set_seed(job.seed);
-    result->set_steps(job.steps);
-    result->set_guidance(job.guidance);
-    for (int64_t d : job.latent_shape) result->add_latent_shape(d);
     for (const AdapterStack::Use& use : job.stack->adapters) {
       pb::AppliedAdapter* a = result->add_adapters();
       a->set_name(use.adapter->name);
@@ -885,6 +1095,7 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
   job.instance.reset();
   job.inputs.clear();
   job.latents = torch::Tensor();
+  job.pipeline_request = PipelineRequest();
   reactor->Complete(status);
 }
 

@@ -99,6 +99,11 @@ class DiffusionService final : public diffusion::v1::DiffusionService::CallbackS
                           diffusion::v1::LoadLoRAResponse* response, CallLog* log);
   absl::StatusOr<std::shared_ptr<GenerateJob>> PrepareGenerate(
       const diffusion::v1::GenerateRequest& request, CallLog* log);
+  // The pipeline-instance part of PrepareGenerate: validates the image fields and fills
+  // job->pipeline_request (INVALID_ARGUMENT naming the field; FAILED_PRECONDITION for PNG output
+  // without a VAE). Size and embedding shapes are checked by the pipeline when the job runs.
+  absl::Status PreparePipelineGenerate(const diffusion::v1::GenerateRequest& request,
+                                       GenerateJob* job) const;
   void RunGenerate(GenerateJob& job, GenerateReactor* reactor, const Scheduler& scheduler);
 
   // Runs `work` (returning the call's status) for a management RPC: auth, drain check, then on

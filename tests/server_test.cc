@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -31,6 +32,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "handlers/flow_match.h"
+#include "handlers/image.h"
 #include "handlers/lora_host.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
@@ -161,7 +163,7 @@ Outcome Generate(pb::DiffusionService::Stub& stub, const pb::GenerateRequest& re
     if (on_event) on_event(*ctx, events);
   }
   o.status = reader->Finish();
-  if (o.result.has_value()) {
+  if (o.result.has_value() && o.result->has_latents()) {
     auto t = server::TensorFromProto(o.result->latents(), "latents");
     EXPECT_TRUE(t.ok()) << t.status();
     if (t.ok()) o.latents = *t;
@@ -856,6 +858,240 @@ TEST_F(ServerTest, ManagementWithoutTokenConfigIsRefusedAndSigtermDrains) {
   EXPECT_LT(Since(sigterm_at), 10.0);
   watch_ctx.TryCancel();
   (void)watch->Finish();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pipeline instances: a diffusers pipeline folder (model_index.json) served as images.
+
+class ServerPipelineTest : public ServerTest {
+ protected:
+  static fs::path GoldenPipelines() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline"; }
+
+  // Copies the golden dev pipeline folder under the model root and loads it as `name`.
+  void LoadPipeline(const std::string& name) {
+    fs::copy(GoldenPipelines() / "dev", fs::path(models_) / "flux-dev-pipeline",
+             fs::copy_options::recursive);
+    pb::LoadSingleFileRequest load;
+    load.set_name(name);
+    load.set_path("flux-dev-pipeline");
+    grpc::Status s = stub_->LoadSingleFile(Context(60, true).get(), load, &loaded_);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    std::ifstream cases(GoldenPipelines() / "cases.json");
+    case_ = nlohmann::json::parse(cases)["cases"]["dev_dynamic_n2"];
+    auto golden = LoadSafetensorsWeights((GoldenPipelines() / case_["file"].get<std::string>()).string());
+    ASSERT_TRUE(golden.ok()) << golden.status();
+    golden_ = *std::move(golden);
+    width_ = case_["width"].get<int64_t>();
+    height_ = case_["height"].get<int64_t>();
+    pb::GetMetadataRequest md_req;
+    md_req.set_name(name);
+    ASSERT_TRUE(stub_->GetMetadata(Context().get(), md_req, &metadata_).ok());
+  }
+
+  pb::GenerateRequest ImageRequest(int64_t seed) const {
+    pb::GenerateRequest r;
+    r.set_model("pipe");
+    *r.mutable_prompt_embeds() = ToProto(golden_.at("inputs/prompt_embeds"));
+    *r.mutable_pooled_prompt_embeds() = ToProto(golden_.at("inputs/pooled_prompt_embeds"));
+    r.set_width(width_);
+    r.set_height(height_);
+    r.set_steps(2);
+    r.set_seed(seed);
+    return r;
+  }
+
+  pb::LoadSingleFileResponse loaded_;
+  pb::GetMetadataResponse metadata_;
+  nlohmann::json case_;  // the golden case whose embeddings (and noise) requests use
+  TensorMap golden_;
+  int64_t width_ = 0, height_ = 0;
+};
+
+TEST_F(ServerPipelineTest, LoadsAFolderAndServesPngs) {
+  StartServer();
+  LoadPipeline("pipe");
+  const pb::ModelInstance& inst = loaded_.instance();
+  EXPECT_EQ(inst.state(), pb::READY);
+  EXPECT_EQ(inst.pipeline_class(), "FluxPipeline");
+  EXPECT_EQ(inst.class_name(), "FluxTransformer2DModel");
+  EXPECT_EQ(inst.sha256().size(), 64u);
+  std::map<std::string, std::string> components;
+  for (const pb::PipelineComponent& c : inst.components()) {
+    if (c.loaded()) components[c.name()] = c.class_name();
+  }
+  EXPECT_EQ(components["transformer"], "FluxTransformer2DModel");
+  EXPECT_EQ(components["vae"], "AutoencoderKL");
+  EXPECT_EQ(components["scheduler"], "FlowMatchEulerDiscreteScheduler");
+  EXPECT_THAT(loaded_.report(), HasSubstr("FluxPipeline"));
+
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  bool listed = false;
+  for (const pb::ModelInstance& m : list.models()) {
+    if (m.name() == "pipe") listed = m.pipeline_class() == "FluxPipeline" && m.components_size() >= 3;
+  }
+  EXPECT_TRUE(listed);
+  const pb::GetMetadataResponse& md = metadata_;
+  EXPECT_EQ(md.instance().pipeline_class(), "FluxPipeline");
+  EXPECT_EQ(md.limits().prompt_embeds_dim(), golden_.at("inputs/prompt_embeds").size(-1));
+  EXPECT_EQ(md.limits().pooled_prompt_embeds_dim(),
+            golden_.at("inputs/pooled_prompt_embeds").size(-1));
+  EXPECT_EQ(md.limits().latent_channels(), golden_.at("inputs/latents_unpacked").size(1));
+  const int64_t multiple = md.limits().image_size_multiple();
+  ASSERT_GT(multiple, 0);
+  EXPECT_EQ(width_ % multiple, 0);
+  EXPECT_EQ(height_ % multiple, 0);
+  EXPECT_TRUE(md.limits().guidance_embeds());
+
+  // PNG of the requested size, progress per step.
+  const Outcome a = Generate(*stub_, ImageRequest(1234));
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  ASSERT_EQ(a.progress.size(), 2u);
+  EXPECT_EQ(a.progress[1].step(), 2);
+  ASSERT_TRUE(a.result.has_value());
+  ASSERT_EQ(a.result->images_size(), 1);
+  EXPECT_EQ(a.result->png(), a.result->images(0));
+  EXPECT_EQ(a.result->seed(), 1234);
+  EXPECT_EQ(a.result->steps(), 2);
+  EXPECT_EQ(a.result->width(), width_);
+  EXPECT_EQ(a.result->height(), height_);
+  EXPECT_TRUE(a.result->guidance_applied());
+  EXPECT_EQ(a.result->latents().data().size(), 0u);  // not requested
+  auto rgb = DecodePng(a.result->png());
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  EXPECT_THAT(rgb->sizes().vec(), ::testing::ElementsAre(height_, width_, 3));
+
+  // The same seed gives the same bytes; another seed other bytes.
+  const Outcome again = Generate(*stub_, ImageRequest(1234));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.result->png(), a.result->png());
+  const Outcome other = Generate(*stub_, ImageRequest(1235));
+  ASSERT_TRUE(other.status.ok()) << other.status.error_message();
+  EXPECT_NE(other.result->png(), a.result->png());
+
+  // Two images per prompt, with latents.
+  pb::GenerateRequest two = ImageRequest(1234);
+  two.set_num_images(2);
+  two.set_output(pb::GenerateRequest::OUTPUT_PNG_AND_LATENTS);
+  const Outcome t = Generate(*stub_, two);
+  ASSERT_TRUE(t.status.ok()) << t.status.error_message();
+  EXPECT_EQ(t.result->images_size(), 2);
+  ASSERT_TRUE(t.latents.defined());
+  EXPECT_EQ(t.latents.size(0), 2);
+  EXPECT_EQ(t.latents.size(1), md.limits().latent_channels());
+}
+
+TEST_F(ServerPipelineTest, GivenNoiseReproducesTheGoldenImage) {
+  StartServer();
+  LoadPipeline("pipe");
+  const nlohmann::json& spec = case_;
+  pb::GenerateRequest r = ImageRequest(0);
+  r.set_width(spec["width"].get<int64_t>());
+  r.set_height(spec["height"].get<int64_t>());
+  r.set_steps(spec["num_inference_steps"].get<int64_t>());
+  r.set_guidance(spec["guidance_scale"].get<double>());
+  *r.mutable_noise() = ToProto(golden_.at("inputs/latents_unpacked"));
+  const Outcome o = Generate(*stub_, r);
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  ASSERT_EQ(o.result->images_size(), 1);
+  auto rgb = DecodePng(o.result->images(0));
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  // final/image_uint8 is [B, H, W, 3] or [B, 3, H, W]; compare as [H, W, 3].
+  torch::Tensor golden = golden_.at("final/image_uint8")[0];
+  if (golden.size(0) == 3) golden = golden.permute({1, 2, 0});
+  ASSERT_EQ(rgb->sizes(), golden.sizes());
+  const int64_t max_diff =
+      (rgb->to(torch::kInt32) - golden.to(torch::kInt32)).abs().max().item<int64_t>();
+  EXPECT_LE(max_diff, 1);
+}
+
+TEST_F(ServerPipelineTest, BadRequestsGetPreciseErrors) {
+  StartServer();
+  LoadPipeline("pipe");
+  // Not a multiple of the size step: the nearest valid sizes are named.
+  const int64_t multiple = metadata_.limits().image_size_multiple();
+  ASSERT_GE(multiple, 2);
+  pb::GenerateRequest bad_size = ImageRequest(1);
+  bad_size.set_width(width_ + multiple / 2);
+  Outcome o = Generate(*stub_, bad_size);
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("width"));
+  EXPECT_THAT(o.status.error_message(), HasSubstr(absl::StrCat(width_, " and ", width_ + multiple)));
+  EXPECT_TRUE(o.progress.empty());
+  // Embeddings of the wrong width.
+  pb::GenerateRequest bad_embeds = ImageRequest(1);
+  const torch::Tensor embeds = golden_.at("inputs/prompt_embeds");
+  std::vector<int64_t> wrong = embeds.sizes().vec();
+  wrong.back() += 1;
+  *bad_embeds.mutable_prompt_embeds() = ToProto(torch::zeros(wrong));
+  o = Generate(*stub_, bad_embeds);
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("prompt_embeds"));
+  EXPECT_THAT(o.status.error_message(), HasSubstr("joint_attention_dim"));
+  // Missing embeddings; bare-transformer fields on a pipeline and pipeline fields on a bare model.
+  pb::GenerateRequest missing = ImageRequest(1);
+  missing.clear_pooled_prompt_embeds();
+  o = Generate(*stub_, missing);
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("pooled_prompt_embeds"));
+  pb::GenerateRequest with_shape = ImageRequest(1);
+  with_shape.add_latent_shape(1);
+  o = Generate(*stub_, with_shape);
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("latent_shape"));
+  pb::GenerateRequest on_bare = ImageRequest(1);
+  on_bare.set_model("default");
+  o = Generate(*stub_, on_bare);
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("only pipeline instances"));
+  // Wrong noise shape names the expected one.
+  pb::GenerateRequest bad_noise = ImageRequest(1);
+  *bad_noise.mutable_noise() = ToProto(torch::zeros({1, 2, 3, 4}));
+  o = Generate(*stub_, bad_noise);
+  EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(o.status.error_message(), HasSubstr("latents"));
+}
+
+TEST_F(ServerPipelineTest, AdaptersApplyPerRequestToTheTransformer) {
+  StartServer();
+  LoadPipeline("pipe");
+  auto transformer = LoadModelFromFolder((GoldenPipelines() / "dev" / "transformer").string(), {});
+  ASSERT_TRUE(transformer.ok()) << transformer.status();
+  const TensorMap params = NamedTensors((*transformer)->module());
+  const TensorMap lora =
+      test::MakeDiffusersLora(params, test::LinearModules(params), /*rank=*/2, /*seed=*/3);
+  ASSERT_TRUE(WriteSafetensors(adapters_ + "/pipe-lora.safetensors", lora).ok());
+  pb::LoadLoRARequest load;
+  load.set_model("pipe");
+  load.set_name("synth");
+  load.set_path("pipe-lora.safetensors");
+  pb::LoadLoRAResponse loaded;
+  grpc::Status s = stub_->LoadLoRA(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+
+  pb::GenerateRequest plain = ImageRequest(9);
+  plain.set_output(pb::GenerateRequest::OUTPUT_PNG_AND_LATENTS);
+  const Outcome base = Generate(*stub_, plain);
+  ASSERT_TRUE(base.status.ok()) << base.status.error_message();
+  pb::GenerateRequest zero = plain;
+  pb::AdapterWeight* w = zero.add_adapters();
+  w->set_name("synth");
+  w->set_weight(0.0);
+  const Outcome z = Generate(*stub_, zero);
+  ASSERT_TRUE(z.status.ok()) << z.status.error_message();
+  EXPECT_EQ(z.result->png(), base.result->png());
+  ASSERT_EQ(z.result->adapters_size(), 1);
+  EXPECT_EQ(z.result->adapters(0).sha256(), loaded.adapter().sha256());
+  EXPECT_TRUE(torch::equal(z.latents, base.latents));
+  pb::GenerateRequest full = plain;
+  full.add_adapters()->set_name("synth");
+  const Outcome f = Generate(*stub_, full);
+  ASSERT_TRUE(f.status.ok()) << f.status.error_message();
+  ASSERT_TRUE(f.latents.defined() && base.latents.defined());
+  EXPECT_GT((f.latents - base.latents).abs().max().item<double>(), 1e-4);
+  pb::GenerateRequest unknown = ImageRequest(9);
+  unknown.add_adapters()->set_name("nope");
+  EXPECT_EQ(Generate(*stub_, unknown).status.error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 }  // namespace

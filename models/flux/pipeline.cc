@@ -247,6 +247,44 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
       new FluxPipeline(std::move(components), *std::move(config), options, vae_scale_factor));
 }
 
+const std::string& FluxPipeline::class_name() const {
+  static const std::string* const kName = new std::string(kPipelineClassName);
+  return *kName;
+}
+
+PipelineLimits FluxPipeline::limits() const {
+  PipelineLimits l;
+  l.options = options_;
+  l.image_size_multiple = 2 * vae_scale_factor_;
+  l.default_height = kDefaultSampleSize * vae_scale_factor_;
+  l.default_width = kDefaultSampleSize * vae_scale_factor_;
+  const PipelineRequest defaults;
+  l.default_inference_steps = defaults.num_inference_steps;
+  l.default_guidance_scale = defaults.guidance_scale;
+  l.guidance_embeds = transformer_config_.guidance_embeds;
+  l.prompt_embeds_dim = transformer_config_.joint_attention_dim;
+  l.pooled_prompt_embeds_dim = transformer_config_.pooled_projection_dim;
+  l.needs_pooled_prompt_embeds = true;
+  l.latent_channels = num_channels_latents();
+  l.can_decode = components_.vae != nullptr;
+  return l;
+}
+
+PipelineDescription FluxPipeline::describe() const {
+  PipelineDescription d;
+  d.classes["transformer"] = components_.transformer->model().class_name();
+  if (components_.vae != nullptr) {
+    // Decoders are loaded as registry models; the cross-cast finds their class name.
+    const auto* model = dynamic_cast<const DiffusionModel*>(components_.vae.get());
+    d.classes["vae"] = model != nullptr ? model->class_name() : "LatentImageDecoder";
+  }
+  d.classes["scheduler"] = kSchedulerClassName;
+  d.sources = components_.sources;
+  d.not_loaded = components_.not_loaded;
+  d.variant = components_.variant;
+  return d;
+}
+
 absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromPretrained(
     const std::string& folder, const FluxPipelineLoadOptions& options) {
   const fs::path root(folder);

@@ -46,19 +46,13 @@
 #include "handlers/image_decoder.h"
 #include "handlers/lora_host.h"
 #include "handlers/model.h"
+#include "handlers/pipeline.h"
 #include "models/flux/config.h"
 
 namespace ds::flux {
 
-// Limits a pipeline enforces on requests.
-struct FluxPipelineOptions {
-  // Largest num_inference_steps (or number of caller sigmas) accepted; more is INVALID_ARGUMENT.
-  int64_t max_inference_steps = 1000;
-  // Largest batch (prompts x num_images_per_prompt) accepted; more is INVALID_ARGUMENT.
-  int64_t max_batch = 16;
-  // Largest height and width in pixels accepted; more is INVALID_ARGUMENT.
-  int64_t max_image_side = 4096;
-};
+// Limits a pipeline enforces on requests (handlers/pipeline.h).
+using FluxPipelineOptions = PipelineOptions;
 
 // What a pipeline is built from.
 struct FluxPipelineComponents {
@@ -113,59 +107,13 @@ struct FluxSingleFiles {
   std::string scheduler_config;
 };
 
-// One generation request (FluxPipeline.__call__'s arguments).
-struct FluxPipelineRequest {
-  // [P, L, joint_attention_dim] or [L, joint_attention_dim] (P = 1); floating.
-  torch::Tensor prompt_embeds;
-  // [P, pooled_projection_dim] or [pooled_projection_dim]; floating.
-  torch::Tensor pooled_prompt_embeds;
-  // Optional, both or neither: shaped like the positive ones (own L; batch P or 1).
-  torch::Tensor negative_prompt_embeds;
-  torch::Tensor negative_pooled_prompt_embeds;
-  // True CFG runs when true_cfg_scale > 1 and negative embeddings are given (as FluxPipeline).
-  double true_cfg_scale = 1.0;
-  // Pixels; 0 = FluxPipeline's default 128 * vae_scale_factor (1024 for FLUX.1).
-  int64_t height = 0;
-  int64_t width = 0;
-  int64_t num_images_per_prompt = 1;
-  // The initial noise, unpacked [P * num_images_per_prompt, C, 2(H/2s), 2(W/2s)] (floating); when
-  // undefined, noise is drawn from `seed` (SeededNoise: CPU float32 generator, as diffusers' CPU
-  // torch.Generator), or from a fresh random seed when `seed` is unset (reported in the result).
-  torch::Tensor latents;
-  std::optional<uint64_t> seed;
-  int64_t num_inference_steps = 28;
-  // Caller sigmas (set_timesteps(sigmas=...)): their count is the number of steps and
-  // num_inference_steps is ignored, as in FluxPipeline.
-  std::optional<std::vector<double>> sigmas;
-  double guidance_scale = 3.5;
-  // The request's adapter snapshot (transformer_host().Snapshot(...)); null: none.
-  AdapterStackPtr adapters;
-  // Decode the latents to images (needs a VAE), and encode them as PNG (needs decode).
-  bool decode = true;
-  bool png = false;
-};
+// One generation request (FluxPipeline.__call__'s arguments) and its result: the model-agnostic
+// types of handlers/pipeline.h. For Flux, `latents` (the noise) is [B, in_channels / 4,
+// 2(H/2s), 2(W/2s)] and `on_latents` sees packed latents [B, tokens, in_channels].
+using FluxPipelineRequest = PipelineRequest;
+using FluxPipelineResult = PipelineResult;
 
-struct FluxPipelineResult {
-  // Final latents, unpacked [B, C, h, w] (the transformer's dtype and device): what FluxPipeline
-  // hands to the VAE before scaling.
-  torch::Tensor latents;
-  // Decoded images [B, 3, H, W], float32 on the CPU, in [0, 1] (output_type "pt"); undefined
-  // unless decoded.
-  torch::Tensor image;
-  // One 8-bit RGB PNG per image (round-half-to-even of image * 255), when requested.
-  std::vector<std::string> png;
-  std::optional<uint64_t> seed;  // the seed the noise came from (unset for given latents)
-  int64_t steps = 0;
-  std::vector<float> sigmas;     // steps + 1 values
-  std::vector<float> timesteps;  // steps values
-  double guidance_scale = 0;
-  bool guidance_applied = false;  // the transformer has guidance_embeds
-  bool true_cfg_applied = false;
-  double denoise_seconds = 0;
-  double decode_seconds = 0;  // VAE decode and postprocessing (PNG included)
-};
-
-class FluxPipeline {
+class FluxPipeline : public DiffusionPipeline {
  public:
   // Validates and assembles: INVALID_ARGUMENT when the transformer is missing or not a
   // FluxTransformer2DModel, when its in_channels is not 4 x the VAE's latent_channels (a Fill or
@@ -205,12 +153,18 @@ class FluxPipeline {
   // [1, max_inference_steps], non-finite guidance_scale / true_cfg_scale / sigmas, given latents of
   // the wrong shape (naming the expected one), png without decode; FAILED_PRECONDITION for decode
   // without a VAE; ABORTED for a stale adapter snapshot; INTERNAL if LibTorch fails.
-  absl::StatusOr<FluxPipelineResult> Generate(const FluxPipelineRequest& request,
-                                              const DenoiseStepCallback& on_step = {},
-                                              const DenoiseLatentsObserver& on_latents = {}) const;
+  absl::StatusOr<FluxPipelineResult> Generate(
+      const FluxPipelineRequest& request, const DenoiseStepCallback& on_step = {},
+      const DenoiseLatentsObserver& on_latents = {}) const override;
+
+  // "FluxPipeline".
+  const std::string& class_name() const override;
+  LoraHost& transformer_host() const override { return *components_.transformer; }
+  // Defaults: FluxPipeline's (128 * vae_scale_factor pixels, 28 steps, guidance 3.5).
+  PipelineLimits limits() const override;
+  PipelineDescription describe() const override;
 
   const FluxPipelineComponents& components() const { return components_; }
-  LoraHost& transformer_host() const { return *components_.transformer; }
   const FluxConfig& transformer_config() const { return transformer_config_; }
   const std::map<std::string, std::string>& not_loaded() const { return components_.not_loaded; }
   const std::string& variant() const { return components_.variant; }

@@ -3,7 +3,9 @@
 #include "models/flux/spec.h"
 
 #include "handlers/registry.h"
+#include "handlers/status.h"
 #include "models/flux/lora.h"
+#include "models/flux/pipeline.h"
 #include "models/flux/transformer.h"
 #include "models/flux/weight_mapping.h"
 
@@ -31,5 +33,25 @@ ModelSpec MakeFluxSpec() {
 }
 
 DS_REGISTER_MODEL(MakeFluxSpec());
+
+PipelineSpec MakeFluxPipelineSpec() {
+  PipelineSpec spec;
+  spec.class_name = "FluxPipeline";
+  spec.description =
+      "FLUX.1 text-to-image (flow-matching Euler; transformer + AutoencoderKL; prompt embeddings)";
+  spec.from_pretrained = [](const std::string& folder, const PipelineLoadOptions& options)
+      -> absl::StatusOr<std::unique_ptr<DiffusionPipeline>> {
+    FluxPipelineLoadOptions flux_options;
+    flux_options.model = options.model;
+    flux_options.pipeline = options.pipeline;
+    flux_options.lora = options.lora;
+    ASSIGN_OR_RETURN(std::unique_ptr<FluxPipeline> pipeline,
+                     FluxPipeline::FromPretrained(folder, flux_options));
+    return std::unique_ptr<DiffusionPipeline>(std::move(pipeline));
+  };
+  return spec;
+}
+
+DS_REGISTER_PIPELINE(MakeFluxPipelineSpec());
 
 }  // namespace ds::flux

@@ -2,11 +2,16 @@
 // handlers wired) without touching the global registry.
 #pragma once
 
+#include "handlers/pipeline.h"
 #include "handlers/registry.h"
 
 namespace ds::flux {
 
 // A fresh copy of the spec that spec.cc registers.
 ModelSpec MakeFluxSpec();
+
+// A fresh copy of the pipeline spec that spec.cc registers: "FluxPipeline", loaded by
+// FluxPipeline::FromPretrained.
+PipelineSpec MakeFluxPipelineSpec();
 
 }  // namespace ds::flux

@@ -1,0 +1,105 @@
+#include "handlers/pipeline.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace ds {
+
+namespace fs = std::filesystem;
+
+PipelineRegistry& PipelineRegistry::Global() {
+  static PipelineRegistry* registry = new PipelineRegistry();
+  return *registry;
+}
+
+absl::Status PipelineRegistry::Register(PipelineSpec spec) {
+  if (spec.class_name.empty() || !spec.from_pretrained) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pipeline spec '", spec.class_name, "' needs a class name and a factory"));
+  }
+  for (const auto& existing : specs_) {
+    if (existing->class_name == spec.class_name) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("pipeline class '", spec.class_name, "' is already registered"));
+    }
+  }
+  specs_.push_back(std::make_unique<PipelineSpec>(std::move(spec)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const PipelineSpec*> PipelineRegistry::Find(std::string_view class_name) const {
+  for (const auto& spec : specs_) {
+    if (spec->class_name == class_name) return spec.get();
+  }
+  std::vector<std::string> known;
+  for (const PipelineSpec* spec : List()) known.push_back(spec->class_name);
+  return absl::NotFoundError(absl::StrCat("no registered pipeline class '", std::string(class_name),
+                                          "'; registered: ",
+                                          known.empty() ? "none" : absl::StrJoin(known, ", ")));
+}
+
+std::vector<const PipelineSpec*> PipelineRegistry::List() const {
+  std::vector<const PipelineSpec*> out;
+  for (const auto& spec : specs_) out.push_back(spec.get());
+  std::sort(out.begin(), out.end(), [](const PipelineSpec* a, const PipelineSpec* b) {
+    return a->class_name < b->class_name;
+  });
+  return out;
+}
+
+PipelineRegistrar::PipelineRegistrar(PipelineSpec spec) {
+  const std::string name = spec.class_name;
+  absl::Status s = PipelineRegistry::Global().Register(std::move(spec));
+  if (!s.ok()) {
+    std::fprintf(stderr, "fatal: registering pipeline '%s': %s\n", name.c_str(),
+                 std::string(s.message()).c_str());
+    std::abort();
+  }
+}
+
+bool IsPipelineFolder(const std::string& path) {
+  std::error_code ec;
+  return fs::is_directory(path, ec) && fs::is_regular_file(fs::path(path) / "model_index.json", ec);
+}
+
+absl::StatusOr<std::unique_ptr<DiffusionPipeline>> LoadPipelineFromFolder(
+    const std::string& folder, const PipelineLoadOptions& options) {
+  std::error_code ec;
+  if (!fs::is_directory(folder, ec)) {
+    return absl::NotFoundError(absl::StrCat("pipeline folder ", folder, " does not exist"));
+  }
+  const std::string index_path = (fs::path(folder) / "model_index.json").string();
+  if (!fs::is_regular_file(index_path, ec)) {
+    return absl::NotFoundError(absl::StrCat(index_path, " does not exist"));
+  }
+  nlohmann::json index;
+  {
+    std::ifstream in(index_path);
+    index = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  }
+  if (!index.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(index_path, " is not a JSON object"));
+  }
+  auto it = index.find("_class_name");
+  if (it == index.end() || !it->is_string()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(index_path, ": \"_class_name\" is missing or not a string"));
+  }
+  const std::string class_name = it->get<std::string>();
+  auto spec = PipelineRegistry::Global().Find(class_name);
+  if (!spec.ok()) {
+    return absl::UnimplementedError(absl::StrCat(index_path, ": ", spec.status().message()));
+  }
+  return (*spec)->from_pretrained(folder, options);
+}
+
+}  // namespace ds

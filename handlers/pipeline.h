@@ -1,0 +1,213 @@
+// DiffusionPipeline: the model-agnostic face of a text-to-image pipeline (diffusers' *Pipeline
+// classes) as the server and tools use it, and the PipelineRegistry through which a diffusers
+// pipeline folder is loaded by its model_index.json "_class_name".
+//
+// A model folder implements DiffusionPipeline (e.g. models/flux/pipeline.h's FluxPipeline) and
+// registers a PipelineSpec from its spec.cc (DS_REGISTER_PIPELINE); callers never include the
+// model folder: they call LoadPipelineFromFolder and talk to the returned DiffusionPipeline.
+//
+// Thread-safety: a DiffusionPipeline is immutable after creation; Generate() may run concurrently
+// from many threads. Adapter loading on transformer_host() is safe meanwhile (see lora_host.h).
+// Registration happens during static initialization; lookups are read-only afterwards.
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "handlers/flow_match.h"
+#include "handlers/lora_host.h"
+#include "handlers/model.h"
+
+namespace ds {
+
+// Limits a pipeline enforces on requests (a request over one is INVALID_ARGUMENT).
+struct PipelineOptions {
+  // Largest num_inference_steps (or number of caller sigmas).
+  int64_t max_inference_steps = 1000;
+  // Largest batch (prompts x num_images_per_prompt).
+  int64_t max_batch = 16;
+  // Largest height and width, pixels.
+  int64_t max_image_side = 4096;
+};
+
+// One generation request. Tensors may be on any device and of any floating dtype; the pipeline
+// moves them to its transformer's dtype and device.
+struct PipelineRequest {
+  // [P, L, D] or [L, D] (P = 1), D = the transformer's text-embedding width.
+  torch::Tensor prompt_embeds;
+  // [P, D_pooled] or [D_pooled]; may stay undefined for pipelines whose transformer takes no
+  // pooled embedding (limits().needs_pooled_prompt_embeds == false).
+  torch::Tensor pooled_prompt_embeds;
+  // Optional, both or neither: shaped like the positive ones (own L; batch P or 1).
+  torch::Tensor negative_prompt_embeds;
+  torch::Tensor negative_pooled_prompt_embeds;
+  // True classifier-free guidance runs when true_cfg_scale > 1 and negative embeddings are given.
+  double true_cfg_scale = 1.0;
+  // Pixels; 0 = the pipeline's default (limits().default_height / default_width).
+  int64_t height = 0;
+  int64_t width = 0;
+  int64_t num_images_per_prompt = 1;
+  // The initial noise, unpacked [P * num_images_per_prompt, C, h, w] (see
+  // limits().latent_channels / image_size_multiple); when undefined, noise is drawn from `seed`
+  // (CPU float32 generator), or from a fresh random seed when `seed` is unset (reported in the
+  // result).
+  torch::Tensor latents;
+  std::optional<uint64_t> seed;
+  int64_t num_inference_steps = 28;
+  // Caller sigmas (their count is the number of steps; num_inference_steps is then ignored).
+  std::optional<std::vector<double>> sigmas;
+  // Distilled guidance (only applied by transformers with a guidance embedding; otherwise
+  // accepted, ignored and reported as not applied, as diffusers does).
+  double guidance_scale = 3.5;
+  // The request's adapter snapshot (transformer_host().Snapshot(...)); null: none.
+  AdapterStackPtr adapters;
+  // Decode the latents to images (needs a VAE), and encode them as PNG (needs decode).
+  bool decode = true;
+  bool png = false;
+};
+
+struct PipelineResult {
+  // Final latents, unpacked [B, C, h, w] (the transformer's dtype and device), before the VAE's
+  // scaling.
+  torch::Tensor latents;
+  // Decoded images [B, 3, H, W], float32 on the CPU, in [0, 1]; undefined unless decoded.
+  torch::Tensor image;
+  // One 8-bit RGB PNG per image (round-half-to-even of image * 255), when requested.
+  std::vector<std::string> png;
+  std::optional<uint64_t> seed;  // the seed the noise came from (unset for given latents)
+  int64_t steps = 0;
+  std::vector<float> sigmas;     // steps + 1 values
+  std::vector<float> timesteps;  // steps values
+  double guidance_scale = 0;
+  bool guidance_applied = false;  // the transformer has a guidance embedding
+  bool true_cfg_applied = false;
+  double denoise_seconds = 0;
+  double decode_seconds = 0;  // VAE decode and postprocessing (PNG included)
+};
+
+// What a pipeline accepts and what it assumes when a request leaves a field at its default.
+struct PipelineLimits {
+  PipelineOptions options;
+  // Height and width must be multiples of this (2 x the VAE scale factor for Flux).
+  int64_t image_size_multiple = 1;
+  int64_t default_height = 0;
+  int64_t default_width = 0;
+  int64_t default_inference_steps = 28;
+  double default_guidance_scale = 3.5;
+  // Whether guidance_scale reaches the transformer (guidance-distilled variants).
+  bool guidance_embeds = false;
+  // Widths of the embeddings requests carry (last dimension of prompt_embeds / pooled).
+  int64_t prompt_embeds_dim = 0;
+  int64_t pooled_prompt_embeds_dim = 0;
+  bool needs_pooled_prompt_embeds = true;
+  // Channels of the unpacked noise (PipelineRequest::latents).
+  int64_t latent_channels = 0;
+  // Whether the pipeline can decode to images (has a VAE).
+  bool can_decode = false;
+};
+
+// The pipeline's components as a report shows them.
+struct PipelineDescription {
+  // Component name -> class name, for the loaded components (e.g. "transformer" ->
+  // "FluxTransformer2DModel", "scheduler" -> "FlowMatchEulerDiscreteScheduler").
+  std::map<std::string, std::string> classes;
+  // Component name -> where it came from (folder, file, "shared" or "default").
+  std::map<std::string, std::string> sources;
+  // Components the source lists but the pipeline did not load: name -> why.
+  std::map<std::string, std::string> not_loaded;
+  // Checkpoint variant ("flux-dev", "flux-schnell", ...), or "".
+  std::string variant;
+};
+
+class DiffusionPipeline {
+ public:
+  virtual ~DiffusionPipeline() = default;
+
+  // The diffusers pipeline class name ("FluxPipeline").
+  virtual const std::string& class_name() const = 0;
+
+  // The denoiser with its adapter store: adapters loaded here are what requests snapshot. Lives as
+  // long as the pipeline (it may be shared with other pipelines).
+  virtual LoraHost& transformer_host() const = 0;
+
+  // Runs the request. `on_step` (may be empty) is called with (0, N) before the first step and
+  // (i, N) after step i; a non-OK status from it stops the run and is returned unchanged
+  // (cancellation, deadlines). `on_latents` (may be empty) sees the latents after each step in the
+  // pipeline's internal layout. INVALID_ARGUMENT naming the field for a bad request (see the
+  // implementation's header for the list); FAILED_PRECONDITION for decode without a VAE; ABORTED
+  // for a stale adapter snapshot; INTERNAL if LibTorch fails.
+  virtual absl::StatusOr<PipelineResult> Generate(
+      const PipelineRequest& request, const DenoiseStepCallback& on_step = {},
+      const DenoiseLatentsObserver& on_latents = {}) const = 0;
+
+  virtual PipelineLimits limits() const = 0;
+  virtual PipelineDescription describe() const = 0;
+};
+
+// How to load a pipeline folder.
+struct PipelineLoadOptions {
+  ModelOptions model;  // dtype and device of the components
+  PipelineOptions pipeline;
+  LoraHostOptions lora;  // the transformer's adapter store
+};
+
+// Loads a diffusers pipeline folder (model_index.json + component subfolders) as the spec's
+// pipeline class. Errors as LoadPipelineFromFolder.
+using PipelineFactory = std::function<absl::StatusOr<std::unique_ptr<DiffusionPipeline>>(
+    const std::string& folder, const PipelineLoadOptions& options)>;
+
+struct PipelineSpec {
+  std::string class_name;   // diffusers pipeline class name, model_index.json's "_class_name"
+  std::string description;  // one line for listings
+  PipelineFactory from_pretrained;
+};
+
+class PipelineRegistry {
+ public:
+  static PipelineRegistry& Global();
+
+  // INVALID_ARGUMENT for an empty class name or factory; ALREADY_EXISTS for a duplicate class.
+  absl::Status Register(PipelineSpec spec);
+
+  // By class name (exact). NOT_FOUND listing the registered pipeline classes otherwise.
+  absl::StatusOr<const PipelineSpec*> Find(std::string_view class_name) const;
+
+  // Every registered spec, sorted by class name.
+  std::vector<const PipelineSpec*> List() const;
+
+ private:
+  std::vector<std::unique_ptr<PipelineSpec>> specs_;
+};
+
+// Registers at static-initialization time; aborts with a message if registration fails.
+struct PipelineRegistrar {
+  explicit PipelineRegistrar(PipelineSpec spec);
+};
+
+#define DS_REGISTER_PIPELINE_CONCAT_INNER_(a, b) a##b
+#define DS_REGISTER_PIPELINE_CONCAT_(a, b) DS_REGISTER_PIPELINE_CONCAT_INNER_(a, b)
+// Usage in a model folder's spec.cc: DS_REGISTER_PIPELINE(MakeFluxPipelineSpec());
+#define DS_REGISTER_PIPELINE(spec_expr)                                                  \
+  static const ::ds::PipelineRegistrar DS_REGISTER_PIPELINE_CONCAT_(ds_pipeline_registrar_, \
+                                                                    __LINE__)(spec_expr)
+
+// Whether `path` is a folder holding a model_index.json (a diffusers pipeline folder).
+bool IsPipelineFolder(const std::string& path);
+
+// Reads `folder`/model_index.json's "_class_name", finds it in the PipelineRegistry and loads the
+// folder with its factory. NOT_FOUND for a missing folder or model_index.json; INVALID_ARGUMENT for
+// a model_index.json that is not a JSON object or lacks a string "_class_name"; UNIMPLEMENTED for
+// an unregistered pipeline class (listing the registered ones); otherwise the factory's errors.
+absl::StatusOr<std::unique_ptr<DiffusionPipeline>> LoadPipelineFromFolder(
+    const std::string& folder, const PipelineLoadOptions& options);
+
+}  // namespace ds
