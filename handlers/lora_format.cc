@@ -600,12 +600,8 @@ absl::StatusOr<ConvertedLora> ConvertLora(const TensorMap& tensors,
 
 namespace {
 
-// The SHA-256 of a mapped file, computed on its own thread while the caller converts and
-// validates (hashing is the slowest single step of a load: ~1.5 GB/s against ~5 GB/s reads).
-// Join() waits for it; the destructor joins too, so no exit path leaves the thread running.
-//
-// Digests are remembered by file identity (SafetensorsFile::identity()), so reloading an unchanged
-// file (hot-swap churn, eviction and reload) does not hash it again.
+// Digests remembered by file identity (SafetensorsFile::identity()), so reloading an unchanged
+// file (hot-swap churn, eviction and reload) does not hash it again (see PendingDigest).
 class DigestCache {
  public:
   static DigestCache& Global() {
@@ -630,36 +626,7 @@ class DigestCache {
   std::unordered_map<std::string, std::string> digests_;
 };
 
-class BackgroundDigest {
- public:
-  explicit BackgroundDigest(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {
-    if (std::optional<std::string> known = DigestCache::Global().Find(file_->identity())) {
-      digest_ = *known;
-      return;
-    }
-    thread_ = std::thread([this] {
-      const std::string_view bytes = file_->mapped_bytes();
-      digest_ = Sha256Hex(bytes.data(), bytes.size());
-      DigestCache::Global().Insert(file_->identity(), digest_);
-    });
-  }
-  ~BackgroundDigest() {
-    if (thread_.joinable()) thread_.join();
-  }
-  BackgroundDigest(const BackgroundDigest&) = delete;
-  BackgroundDigest& operator=(const BackgroundDigest&) = delete;
-  std::string Join() {
-    if (thread_.joinable()) thread_.join();
-    return digest_;
-  }
-
- private:
-  std::shared_ptr<const SafetensorsFile> file_;
-  std::string digest_;
-  std::thread thread_;
-};
-
-// Converts an opened file (no digest; callers run BackgroundDigest alongside).
+// Converts an opened file (no digest; callers run a PendingDigest alongside).
 absl::StatusOr<ConvertedLora> ConvertOpenedLora(const std::shared_ptr<const SafetensorsFile>& file,
                                                 const LoraHandler& handler,
                                                 Clock::time_point start) {
@@ -674,10 +641,31 @@ absl::StatusOr<ConvertedLora> ConvertOpenedLora(const std::shared_ptr<const Safe
 
 }  // namespace
 
+PendingDigest::PendingDigest(std::shared_ptr<const SafetensorsFile> file) : file_(std::move(file)) {
+  if (std::optional<std::string> known = DigestCache::Global().Find(file_->identity())) {
+    digest_ = *known;
+    return;
+  }
+  thread_ = std::thread([this] {
+    const std::string_view bytes = file_->mapped_bytes();
+    digest_ = Sha256Hex(bytes.data(), bytes.size());
+    DigestCache::Global().Insert(file_->identity(), digest_);
+  });
+}
+
+PendingDigest::~PendingDigest() {
+  if (thread_.joinable()) thread_.join();
+}
+
+std::string PendingDigest::Join() {
+  if (thread_.joinable()) thread_.join();
+  return digest_;
+}
+
 absl::StatusOr<ConvertedLora> ConvertLoraFile(const std::string& path, const LoraHandler& handler) {
   const auto start = Clock::now();
   ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> file, SafetensorsFile::Open(path));
-  BackgroundDigest digest(file);
+  PendingDigest digest(file);
   ASSIGN_OR_RETURN(ConvertedLora converted, ConvertOpenedLora(file, handler, start));
   converted.sha256 = digest.Join();
   converted.convert_seconds = std::chrono::duration<double>(Clock::now() - start).count();
@@ -871,16 +859,17 @@ absl::StatusOr<LoraReport> ValidateLora(const ConvertedLora& lora, const KeyShap
   return report;
 }
 
-absl::StatusOr<LoadedLora> LoadLora(const std::string& path, const LoraHandler& handler,
-                                    const KeyShapes& params, const LoraLoadOptions& options) {
+absl::StatusOr<LoadedLora> LoadLoraHashing(const std::string& path, const LoraHandler& handler,
+                                           const KeyShapes& params, const LoraLoadOptions& options,
+                                           std::unique_ptr<PendingDigest>* digest) {
   const auto start = Clock::now();
   LoadedLora out;
   ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> file, SafetensorsFile::Open(path));
-  // The digest is computed while the file is converted and validated.
-  BackgroundDigest digest(file);
+  // The digest is computed while the file is converted and validated (and, for the caller, while
+  // it copies the tensors).
+  auto pending = std::make_unique<PendingDigest>(file);
   ASSIGN_OR_RETURN(out.lora, ConvertOpenedLora(file, handler, start));
   ASSIGN_OR_RETURN(out.report, ValidateLora(out.lora, params, options));
-  out.lora.sha256 = out.report.sha256 = digest.Join();
   std::set<std::string> matched;
   for (const LoraModuleReport& m : out.report.modules) matched.insert(m.module);
   std::set<std::string> replaced(out.report.overlays.begin(), out.report.overlays.end());
@@ -893,6 +882,17 @@ absl::StatusOr<LoadedLora> LoadLora(const std::string& path, const LoraHandler& 
                                 [&](const LoraOverlay& o) { return replaced.count(o.param) == 0; }),
                  overlays.end());
   out.report.tensor_bytes = out.lora.TensorBytes();
+  out.report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  *digest = std::move(pending);
+  return out;
+}
+
+absl::StatusOr<LoadedLora> LoadLora(const std::string& path, const LoraHandler& handler,
+                                    const KeyShapes& params, const LoraLoadOptions& options) {
+  const auto start = Clock::now();
+  std::unique_ptr<PendingDigest> digest;
+  ASSIGN_OR_RETURN(LoadedLora out, LoadLoraHashing(path, handler, params, options, &digest));
+  out.lora.sha256 = out.report.sha256 = digest->Join();
   out.report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return out;
 }

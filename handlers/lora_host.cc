@@ -37,30 +37,28 @@ absl::Status ValidateName(const std::string& name) {
   return absl::OkStatus();
 }
 
-// A copy of `t` in the model's dtype and device that owns its memory (never a view of the file),
-// checked for NaN/Inf while the copy is still in cache (one pass over the file's bytes instead of
-// a separate scan; ValidateLora skips its own scan for this reason). A same-dtype CPU copy is a
-// plain memcpy on the calling thread: no intra-op thread pool, which stalls under contention.
-// INVALID_ARGUMENT when the source holds NaN/Inf, or when a finite value does not fit the model
-// dtype (e.g. > 65504 in float16).
-absl::StatusOr<torch::Tensor> Materialize(const torch::Tensor& t, const ModelOptions& o,
-                                          const std::string& what) {
-  if (!t.defined()) return t;
-  ASSIGN_OR_RETURN(torch::Tensor out, TorchCall("LoRA tensor copy", [&] {
-                     if (t.is_cpu() && o.device.is_cpu() && t.scalar_type() == o.dtype &&
-                         t.is_contiguous()) {
-                       torch::Tensor copy = torch::empty(t.sizes(), t.options());
-                       if (t.numel() > 0) {
-                         std::memcpy(copy.data_ptr(), t.data_ptr(),
-                                     static_cast<size_t>(t.numel()) * t.element_size());
-                       }
-                       return copy;
-                     }
-                     return t.to(o.device, o.dtype, /*non_blocking=*/false, /*copy=*/true)
-                         .contiguous();
-                   }));
-  ASSIGN_OR_RETURN(bool finite, AllFinite(out));
-  if (finite) return out;
+int64_t Bytes(const torch::Tensor& t) {
+  return t.defined() ? static_cast<int64_t>(t.numel() * t.element_size()) : 0;
+}
+
+// Copies `t` into `dest` (allocated, the model dtype and device, t's shape) and checks the copy
+// for NaN/Inf while it is still in cache. Same-dtype contiguous CPU copies are a memcpy on the
+// calling thread (no intra-op pool).
+absl::Status CopyChecked(const torch::Tensor& t, torch::Tensor& dest, const ModelOptions& o,
+                         const std::string& what) {
+  RETURN_IF_ERROR(TorchCallVoid("LoRA tensor copy", [&] {
+    if (t.is_cpu() && dest.is_cpu() && t.scalar_type() == dest.scalar_type() &&
+        t.is_contiguous()) {
+      if (t.numel() > 0) {
+        std::memcpy(dest.data_ptr(), t.data_ptr(),
+                    static_cast<size_t>(t.numel()) * t.element_size());
+      }
+    } else {
+      dest.copy_(t);
+    }
+  }));
+  ASSIGN_OR_RETURN(bool finite, AllFinite(dest));
+  if (finite) return absl::OkStatus();
   // Widening and same-type copies keep NaN/Inf as they are; only a narrowing one can create Inf.
   ASSIGN_OR_RETURN(bool source_finite, AllFinite(t));
   if (!source_finite) return absl::InvalidArgumentError(what + " contains NaN or Inf values");
@@ -68,11 +66,18 @@ absl::StatusOr<torch::Tensor> Materialize(const torch::Tensor& t, const ModelOpt
       absl::StrCat(what, ": a value overflows the model dtype ", c10::toString(o.dtype)));
 }
 
-int64_t Bytes(const torch::Tensor& t) {
-  return t.defined() ? static_cast<int64_t>(t.numel() * t.element_size()) : 0;
-}
-
 }  // namespace
+
+absl::StatusOr<torch::Tensor> CopyLoraTensor(const torch::Tensor& t, const ModelOptions& o,
+                                             const std::string& what) {
+  if (!t.defined()) return t;
+  ASSIGN_OR_RETURN(torch::Tensor out, TorchCall("LoRA tensor allocation", [&] {
+                     return torch::empty(t.sizes(),
+                                         torch::TensorOptions().dtype(o.dtype).device(o.device));
+                   }));
+  RETURN_IF_ERROR(CopyChecked(t, out, o, what));
+  return out;
+}
 
 LoraHost::LoraHost(std::shared_ptr<DiffusionModel> model, const LoraHandler* handler,
                    LoraHostOptions options)
@@ -101,9 +106,14 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
         absl::StrCat("LoRA file ", path, " is ", st.st_size, " bytes, over the limit of ",
                      options_.max_file_bytes, " bytes (max_file_bytes)"));
   }
-  ASSIGN_OR_RETURN(LoadedLora loaded,
-                   LoadLora(path, *handler_, param_shapes_,
-                            LoraLoadOptions{.allow_partial = options.allow_partial, .check_finite = false}));
+  // The file is hashed on another thread while it is converted, validated and copied here.
+  std::unique_ptr<PendingDigest> digest;
+  ASSIGN_OR_RETURN(
+      LoadedLora loaded,
+      LoadLoraHashing(path, *handler_, param_shapes_,
+                      LoraLoadOptions{.allow_partial = options.allow_partial,
+                                      .check_finite = false},  // checked while copying below
+                      &digest));
   if (!options.format_hint.empty() && loaded.lora.format != options.format_hint) {
     return absl::InvalidArgumentError(
         absl::StrCat("LoRA ", path, " is in format '", loaded.lora.format,
@@ -111,26 +121,27 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
   }
   auto adapter = std::make_shared<LoraAdapter>();
   adapter->name = name;
-  adapter->sha256 = loaded.lora.sha256;
   adapter->path = options.source.empty() ? path : options.source;
   adapter->format = loaded.lora.format;
   const ModelOptions& mo = model_->options();
   for (const LoraModule& m : loaded.lora.modules) {
     LoraModule copy = m;
     const std::string what = absl::StrCat("LoRA '", path, "': module ", m.module);
-    ASSIGN_OR_RETURN(copy.down, Materialize(m.down, mo, what + ": lora_A"));
-    ASSIGN_OR_RETURN(copy.up, Materialize(m.up, mo, what + ": lora_B"));
-    ASSIGN_OR_RETURN(copy.bias, Materialize(m.bias, mo, what + ": lora_B bias"));
+    ASSIGN_OR_RETURN(copy.down, CopyLoraTensor(m.down, mo, what + ": lora_A"));
+    ASSIGN_OR_RETURN(copy.up, CopyLoraTensor(m.up, mo, what + ": lora_B"));
+    ASSIGN_OR_RETURN(copy.bias, CopyLoraTensor(m.bias, mo, what + ": lora_B bias"));
     adapter->bytes += Bytes(copy.down) + Bytes(copy.up) + Bytes(copy.bias);
     adapter->modules.push_back(std::move(copy));
   }
   for (const LoraOverlay& o : loaded.lora.overlays) {
     LoraOverlay copy = o;
-    ASSIGN_OR_RETURN(copy.value, Materialize(o.value, mo,
-                                             absl::StrCat("LoRA '", path, "': parameter ", o.param)));
+    ASSIGN_OR_RETURN(copy.value, CopyLoraTensor(o.value, mo,
+                                                absl::StrCat("LoRA '", path, "': parameter ",
+                                                             o.param)));
     adapter->bytes += Bytes(copy.value);
     adapter->overlays.push_back(std::move(copy));
   }
+  adapter->sha256 = loaded.report.sha256 = loaded.lora.sha256 = digest->Join();
   adapter->report = std::move(loaded.report);
   return LoraAdapterPtr(std::move(adapter));
 }

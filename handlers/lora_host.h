@@ -103,6 +103,16 @@ struct AdapterLoadOptions {
   std::string source;
 };
 
+// A copy of a LoRA tensor `t` in the model's dtype and device that owns its memory (never a view
+// of the file), checked for NaN/Inf while the copy is still in cache: one pass over the file's
+// bytes instead of a copy plus a separate scan. A same-dtype CPU copy is a plain memcpy on the
+// calling thread (no intra-op thread pool, which stalls under contention). `what` names the tensor
+// in errors. INVALID_ARGUMENT "<what> contains NaN or Inf values" when the source holds NaN/Inf,
+// or "<what>: a value overflows the model dtype ..." when a finite value does not fit it (e.g.
+// > 65504 into float16); INTERNAL if LibTorch fails. An undefined `t` is returned as is.
+absl::StatusOr<torch::Tensor> CopyLoraTensor(const torch::Tensor& t, const ModelOptions& options,
+                                             const std::string& what);
+
 struct AdapterLoadResult {
   LoraReport report;
   int64_t bytes = 0;                 // tensor bytes the adapter holds
