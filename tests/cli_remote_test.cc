@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "diffusion/v1/diffusion.grpc.pb.h"
 #include "handlers/digest.h"
+#include "handlers/image.h"
 #include "handlers/safetensors.h"
 #include "server/tensor_proto.h"
 #include "testing/server_process.h"
@@ -451,6 +452,68 @@ TEST_F(CliRemoteTest, GenerateOnTheDefaultModel) {
            "-o", out});
   EXPECT_EQ(r.exit_code, kExitRpcError) << r;
   EXPECT_THAT(r.err, HasSubstr("error: DEADLINE_EXCEEDED: "));
+}
+
+TEST_F(CliRemoteTest, GenerateImagesOnAPipelineInstance) {
+  StartServer();
+  // A diffusers pipeline folder (model_index.json) becomes a pipeline instance.
+  const fs::path golden = fs::path(GoldenDir()) / "pipeline" / "flux_pipeline";
+  fs::copy(golden / "dev", fs::path(models_) / "pipe", fs::copy_options::recursive);
+  CliResult r = Cli({"load-single-file", TokenFlag(), "--name=pipe", "--path=pipe"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  const pb::GetMetadataResponse md = StubMetadata("pipe");
+  ASSERT_FALSE(md.instance().pipeline_class().empty());
+  // A size from the served limits (two multiples wide, one high), embeddings from a golden case
+  // file (keys "inputs/prompt_embeds", "inputs/pooled_prompt_embeds").
+  const int64_t multiple = md.limits().image_size_multiple();
+  ASSERT_GT(multiple, 0);
+  const std::string inputs = (golden / "dev_dynamic_n2.safetensors").string();
+  const std::string out = tmp_.File("image.png");
+  auto generate = [&](const std::string& path, int64_t seed) {
+    return Cli({"generate", "--model=pipe", "--inputs", inputs, "--width",
+                absl::StrCat(2 * multiple), "--height", absl::StrCat(multiple), "--steps=2",
+                absl::StrCat("--seed=", seed), "-o", path});
+  };
+  r = generate(out, 5);
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.err, HasSubstr("step 2/2"));
+  auto image = DecodePng(test::ReadFileBytes(out));
+  ASSERT_TRUE(image.ok()) << image.status();
+  EXPECT_EQ(image->size(-1), 3);
+  EXPECT_EQ(image->size(-2), 2 * multiple);
+  EXPECT_EQ(image->size(-3), multiple);
+  // Same seed: the same bytes; another seed: different bytes.
+  const std::string again = tmp_.File("again.png"), other = tmp_.File("other.png");
+  ASSERT_EQ(generate(again, 5).exit_code, 0);
+  ASSERT_EQ(generate(other, 6).exit_code, 0);
+  EXPECT_EQ(test::ReadFileBytes(again), test::ReadFileBytes(out));
+  EXPECT_NE(test::ReadFileBytes(other), test::ReadFileBytes(out));
+  // Two images per prompt: OUT.png and OUT_1.png.
+  r = Cli({"generate", "--model=pipe", "--inputs", inputs, "--width", absl::StrCat(multiple),
+           "--height", absl::StrCat(multiple), "--steps=1", "--num-images=2", "-o",
+           tmp_.File("two.png")});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_TRUE(fs::exists(tmp_.File("two_1.png")));
+  // Bad requests: a size off the multiple (the server names the nearest valid one), packed
+  // latent flags on a pipeline, image flags on a bare transformer, no prompt embeddings.
+  r = Cli({"generate", "--model=pipe", "--inputs", inputs, "--width", absl::StrCat(multiple + 1),
+           "--height", absl::StrCat(multiple), "-o", tmp_.File("bad.png")});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: INVALID_ARGUMENT: "));
+  EXPECT_THAT(r.err, HasSubstr(absl::StrCat(multiple)));
+  r = Cli({"generate", "--model=pipe", "--inputs", inputs, "--latent-shape=1,4,64", "-o", out});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("--width/--height"));
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "--width=32", "-o", out});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("pipeline instance"));
+  TensorMap no_text;
+  no_text["something"] = torch::zeros({2});
+  const std::string empty_inputs = tmp_.File("no-text.safetensors");
+  ASSERT_TRUE(WriteSafetensors(empty_inputs, no_text).ok());
+  r = Cli({"generate", "--model=pipe", "--inputs", empty_inputs, "-o", out});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("prompt_embeds"));
 }
 
 TEST_F(CliRemoteTest, ManagementCredentialsAndPaths) {

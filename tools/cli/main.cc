@@ -37,6 +37,10 @@
 //                         [--lora NAME[:WEIGHT]]...
 //                                                progress bar on stderr; --lora names a loaded
 //                                                adapter here (forward's --lora is FILE[:W])
+//                         on a pipeline instance: [--width W] [--height H] [--num-images N]
+//                         [--true-cfg-scale S] instead of --latent-shape; IN holds prompt_embeds,
+//                         pooled_prompt_embeds (optional negative_*, noise; "inputs/" prefix ok)
+//                         and OUT.png gets the image (OUT_1.png, ... further images)
 //   exit codes: 0 ok; 1 bad invocation or local failure; 2 unknown command; 3 the server (or the
 //   transport) answered with an error, printed as "error: <CODE_NAME>: <message>"; 4 health: not
 //   SERVING
@@ -129,6 +133,14 @@ ABSL_FLAG(double, guidance, 0,
 ABSL_FLAG(std::string, latent_shape, "",
           "generate: packed latent shape B,T,C; default: B from encoder_hidden_states, T = rows "
           "of img_ids, C = the model config's in_channels");
+ABSL_FLAG(int64_t, width, 0,
+          "generate on a pipeline instance: image width in pixels (0 = the pipeline's default)");
+ABSL_FLAG(int64_t, height, 0,
+          "generate on a pipeline instance: image height in pixels (0 = the pipeline's default)");
+ABSL_FLAG(int64_t, num_images, 0, "generate on a pipeline instance: images per prompt (0 = 1)");
+ABSL_FLAG(double, true_cfg_scale, 0,
+          "generate on a pipeline instance: true classifier-free guidance scale (needs "
+          "negative_prompt_embeds in --inputs; 0 = off)");
 
 namespace ds {
 namespace {
@@ -161,6 +173,8 @@ constexpr char kUsage[] =
     "[--latent-shape B,T,C] [--steps N] [--seed S] [--guidance G] [--lora NAME[:WEIGHT]]...\n"
     "      (--lora names an adapter loaded on the server; without --latent-shape: B from\n"
     "      encoder_hidden_states, T = rows of img_ids, C = the model's in_channels)\n"
+    "      on a pipeline instance: [--width W] [--height H] [--num-images N] [--true-cfg-scale S];\n"
+    "      IN holds prompt_embeds and pooled_prompt_embeds; OUT.png gets the image\n"
     "  exit codes: 0 ok, 1 bad invocation or local failure, 2 unknown command, 3 error from the\n"
     "  server (printed as 'error: CODE_NAME: message'), 4 health not SERVING\n"
     "  (all commands accept --threads N; flag names take '-' or '_')";
@@ -418,6 +432,10 @@ cli::RemoteOptions RemoteOptionsFromFlags() {
   o.steps = absl::GetFlag(FLAGS_steps);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.guidance = absl::GetFlag(FLAGS_guidance);
+  o.width = absl::GetFlag(FLAGS_width);
+  o.height = absl::GetFlag(FLAGS_height);
+  o.num_images = absl::GetFlag(FLAGS_num_images);
+  o.true_cfg_scale = absl::GetFlag(FLAGS_true_cfg_scale);
   o.loras = LoraFlags();
   return o;
 }

@@ -596,41 +596,87 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
         "--model '", model, "' names a model class, not a loaded instance (see `models`)"));
   }
 
-  // The file's tensors that are the model's inputs; `latents` = the initial noise. The sampler
-  // sets hidden_states and timestep itself, so a forward-pass file's are left out.
-  std::set<std::string> accepted(md.required_inputs().begin(), md.required_inputs().end());
-  accepted.insert(md.optional_inputs().begin(), md.optional_inputs().end());
-  accepted.erase("hidden_states");
-  accepted.erase("timestep");
-  std::vector<std::string> ignored;
-  for (const std::string& name : file.names()) {
-    if (name == "latents" || accepted.count(name) > 0) {
-      if (name == "guidance" && o.guidance != 0) {
-        ignored.push_back("guidance (--guidance given)");
-        continue;
-      }
-      ASSIGN_OR_RETURN(torch::Tensor t, file.Get(name));
-      pb::Tensor* proto =
-          name == "latents" ? request.mutable_latents() : &(*request.mutable_inputs())[name];
-      RETURN_IF_ERROR(Annotate(server::TensorToProto(t, proto),
-                               absl::StrCat("--inputs ", o.inputs, ": '", name, "'")));
-    } else {
-      ignored.push_back(name);
+  const bool pipeline = !md.instance().pipeline_class().empty();
+  if (pipeline) {
+    // A pipeline instance: text conditioning (and optional noise) from the file, the image size
+    // from the flags; the server runs the whole pipeline and returns PNGs (and latents on request).
+    if (!o.latent_shape.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--latent-shape: '", model, "' is a ", md.instance().pipeline_class(),
+          " instance, which takes --width/--height instead"));
     }
-  }
-  if (!ignored.empty()) {
-    std::cerr << "note: tensors of " << o.inputs << " not sent (not among the " << md.class_name()
-              << " inputs a request gives): " << absl::StrJoin(ignored, ", ") << "\n";
-  }
-  if (request.latent_shape().empty() && !request.has_latents()) {
-    ASSIGN_OR_RETURN(std::vector<int64_t> shape, DeriveLatentShape(file, md.config_json()));
-    for (int64_t d : shape) request.add_latent_shape(d);
+    using Field = pb::Tensor* (pb::GenerateRequest::*)();
+    const std::vector<std::pair<std::string, Field>> fields = {
+        {"prompt_embeds", &pb::GenerateRequest::mutable_prompt_embeds},
+        {"pooled_prompt_embeds", &pb::GenerateRequest::mutable_pooled_prompt_embeds},
+        {"negative_prompt_embeds", &pb::GenerateRequest::mutable_negative_prompt_embeds},
+        {"negative_pooled_prompt_embeds",
+         &pb::GenerateRequest::mutable_negative_pooled_prompt_embeds},
+        {"noise", &pb::GenerateRequest::mutable_noise}};
+    std::vector<std::string> sent;
+    for (const auto& [name, field] : fields) {
+      const std::string key = file.contains(name) ? name : "inputs/" + name;
+      if (!file.contains(key)) {
+        if (name == "prompt_embeds") {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "--inputs ", o.inputs, ": no tensor 'prompt_embeds' (or 'inputs/prompt_embeds'), "
+              "which a ", md.instance().pipeline_class(), " instance needs"));
+        }
+        continue;  // optional: left unset
+      }
+      ASSIGN_OR_RETURN(torch::Tensor t, file.Get(key));
+      RETURN_IF_ERROR(Annotate(server::TensorToProto(t, (request.*field)()),
+                               absl::StrCat("--inputs ", o.inputs, ": '", key, "'")));
+      sent.push_back(key);
+    }
+    std::cerr << "note: sending " << absl::StrJoin(sent, ", ") << " from " << o.inputs << "\n";
+    request.set_width(o.width);
+    request.set_height(o.height);
+    request.set_num_images(o.num_images);
+    request.set_true_cfg_scale(o.true_cfg_scale);
+    request.set_output(png ? pb::GenerateRequest::OUTPUT_PNG : pb::GenerateRequest::OUTPUT_LATENTS);
+  } else {
+    if (o.width != 0 || o.height != 0 || o.num_images != 0 || o.true_cfg_scale != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--width/--height/--num-images/--true-cfg-scale need a pipeline instance; '", model,
+          "' is a bare ", md.class_name(), " (it takes packed latents, see --latent-shape)"));
+    }
+    // The file's tensors that are the model's inputs; `latents` = the initial noise. The sampler
+    // sets hidden_states and timestep itself, so a forward-pass file's are left out.
+    std::set<std::string> accepted(md.required_inputs().begin(), md.required_inputs().end());
+    accepted.insert(md.optional_inputs().begin(), md.optional_inputs().end());
+    accepted.erase("hidden_states");
+    accepted.erase("timestep");
+    std::vector<std::string> ignored;
+    for (const std::string& name : file.names()) {
+      if (name == "latents" || accepted.count(name) > 0) {
+        if (name == "guidance" && o.guidance != 0) {
+          ignored.push_back("guidance (--guidance given)");
+          continue;
+        }
+        ASSIGN_OR_RETURN(torch::Tensor t, file.Get(name));
+        pb::Tensor* proto =
+            name == "latents" ? request.mutable_latents() : &(*request.mutable_inputs())[name];
+        RETURN_IF_ERROR(Annotate(server::TensorToProto(t, proto),
+                                 absl::StrCat("--inputs ", o.inputs, ": '", name, "'")));
+      } else {
+        ignored.push_back(name);
+      }
+    }
+    if (!ignored.empty()) {
+      std::cerr << "note: tensors of " << o.inputs << " not sent (not among the " << md.class_name()
+                << " inputs a request gives): " << absl::StrJoin(ignored, ", ") << "\n";
+    }
+    if (request.latent_shape().empty() && !request.has_latents()) {
+      ASSIGN_OR_RETURN(std::vector<int64_t> shape, DeriveLatentShape(file, md.config_json()));
+      for (int64_t d : shape) request.add_latent_shape(d);
+    }
   }
   request.set_model(model);
   request.set_seed(o.seed);
   request.set_steps(o.steps);
   request.set_guidance(o.guidance);
-  request.set_return_latents(!png);
+  request.set_return_latents(!png && !pipeline);
 
   ASSIGN_OR_RETURN(std::unique_ptr<grpc::ClientContext> ctx, client.Context(false));
   std::optional<pb::GenerateResult> result;
@@ -667,10 +713,20 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
           "-o ", o.output, ": this server/model returned latents only (no decoded image); ",
           "write them with -o OUT.safetensors instead"));
     }
-    std::ofstream out(o.output, std::ios::binary | std::ios::trunc);
-    out.write(result->png().data(), static_cast<std::streamsize>(result->png().size()));
-    out.close();
-    if (!out) return absl::InternalError(absl::StrCat("-o ", o.output, ": writing failed"));
+    // One file per image: OUT.png, then OUT_1.png, OUT_2.png, ... for further images.
+    const int n = std::max(1, result->images_size());
+    for (int i = 0; i < n; ++i) {
+      const std::string& bytes = result->images_size() > 0 ? result->images(i) : result->png();
+      const std::string path =
+          i == 0 ? o.output
+                 : absl::StrCat(o.output.substr(0, o.output.size() - 4), "_", i,
+                                o.output.substr(o.output.size() - 4));
+      std::ofstream out(path, std::ios::binary | std::ios::trunc);
+      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+      out.close();
+      if (!out) return absl::InternalError(absl::StrCat("-o ", path, ": writing failed"));
+      if (i > 0) std::cout << "wrote " << path << " (png)\n";
+    }
   } else {
     if (!result->has_latents()) {
       return absl::FailedPreconditionError("the server's result carries no latents");

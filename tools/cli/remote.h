@@ -91,6 +91,13 @@ struct RemoteOptions {
   int64_t seed = 0;
   double guidance = 0;             // 0 = the server's default (or the inputs' `guidance`)
   std::vector<std::string> loras;  // NAME[:WEIGHT], in order
+  // generate on a pipeline instance (ModelInstance.pipeline_class set): --inputs then holds
+  // prompt_embeds, pooled_prompt_embeds and optionally negative_* and noise (each name also
+  // accepted with an "inputs/" prefix, as the golden pipeline files store them).
+  int64_t width = 0;   // 0 = the pipeline's default
+  int64_t height = 0;
+  int64_t num_images = 0;
+  double true_cfg_scale = 0;
 };
 
 // True for the command names above.
