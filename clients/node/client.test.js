@@ -151,6 +151,23 @@ test('GetMetadata: feature rows, table and config', async () => {
   }
 });
 
+test('ListModels and UnloadModel', async () => {
+  const names = async () => (await state.client.listModels()).models.map((m) => m.name);
+  const listed = (await state.client.listModels()).models;
+  const golden = listed.find((m) => m.name === 'golden');
+  assert.ok(golden, 'golden listed');
+  assert.ok(listed.some((m) => m.name === 'default'), 'default listed');
+  assert.equal(golden.state, 'READY');
+  assert.equal(golden.class_name, 'FluxTransformer2DModel');
+  assert.ok(Number(golden.parameter_bytes) > 0);
+  // A second instance of the same files, then unloaded: gone from the list, NOT_FOUND after.
+  await state.client.loadSingleFile('golden-copy', 'base_model_dir');
+  assert.ok((await names()).includes('golden-copy'));
+  await state.client.unloadModel('golden-copy');
+  assert.ok(!(await names()).includes('golden-copy'));
+  await rejectsWithCode(state.client.getMetadata('golden-copy'), grpc.status.NOT_FOUND);
+});
+
 test('LoadLoRA: format and sha256 of each golden case, by path and inline', async () => {
   for (const name of supportedCases()) {
     const file = path.join(state.adapterRoot, `${name}.safetensors`);

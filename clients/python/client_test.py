@@ -161,6 +161,22 @@ class ClientTest(unittest.TestCase):
                 self.assertIn("encoder_hidden_states", meta.required_inputs)
                 self.assertGreater(meta.limits.max_steps, 0)
 
+    def test_list_models_and_unload_model(self):
+        listed = {m.name: m for m in self.client.list_models().models}
+        self.assertIn("default", listed)
+        self.assertIn("golden", listed)
+        self.assertEqual(listed["golden"].state, dc.pb.READY)
+        self.assertEqual(listed["golden"].class_name, "FluxTransformer2DModel")
+        self.assertGreater(listed["golden"].parameter_bytes, 0)
+        # A second instance of the same files, then unloaded: gone from the list, NOT_FOUND after.
+        self.client.load_single_file("golden-copy", "base_model_dir")
+        self.assertIn("golden-copy", [m.name for m in self.client.list_models().models])
+        self.client.unload_model("golden-copy")
+        self.assertNotIn("golden-copy", [m.name for m in self.client.list_models().models])
+        with self.assertRaises(grpc.RpcError) as err:
+            self.client.get_metadata("golden-copy")
+        self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
+
     def test_load_lora_reports_format_and_digest(self):
         for case in self.supported_cases():
             with self.subTest(case=case):
