@@ -24,48 +24,18 @@
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "models/flux/latents.h"
+#include "testing/pipeline_golden.h"
 #include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
 
-using ::ds::test::GoldenDir;
+using ::ds::test::CaseNames;
+using ::ds::test::PipelineDir;
+using ::ds::test::ReadJson;
+using ::ds::test::WithinTolerance;
 namespace fs = std::filesystem;
 
-constexpr double kAbsTolerance = 1e-4;
-constexpr double kRelTolerance = 1e-4;
-
-fs::path PipelineDir() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline"; }
-
-nlohmann::json ReadJson(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-}
-
-std::vector<std::string> CaseNames() {
-  std::vector<std::string> out;
-  const nlohmann::json cases = ReadJson(PipelineDir() / "cases.json");
-  if (!cases.is_object() || !cases.contains("cases")) return out;
-  for (const auto& [name, unused] : cases["cases"].items()) out.push_back(name);
-  return out;
-}
-
-// |ours - golden| <= atol + rtol |golden| everywhere; the message gives the worst excess.
-::testing::AssertionResult WithinTolerance(const torch::Tensor& ours, const torch::Tensor& golden) {
-  if (!ours.defined() || !golden.defined()) {
-    return ::testing::AssertionFailure() << "undefined tensor";
-  }
-  if (ours.sizes() != golden.sizes()) {
-    return ::testing::AssertionFailure() << "shape " << ours.sizes() << " vs " << golden.sizes();
-  }
-  const torch::Tensor a = ours.to(torch::kFloat64), b = golden.to(torch::kFloat64);
-  const torch::Tensor diff = (a - b).abs();
-  const double max_diff = diff.max().item<double>();
-  const double excess = (diff - (kAbsTolerance + kRelTolerance * b.abs())).max().item<double>();
-  if (excess <= 0) return ::testing::AssertionSuccess() << "max |diff| " << max_diff;
-  return ::testing::AssertionFailure() << "max |diff| " << max_diff << " exceeds " << kAbsTolerance
-                                       << " + " << kRelTolerance << " |golden| by " << excess;
-}
 
 double MaxAbsDiff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();

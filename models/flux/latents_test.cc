@@ -15,29 +15,18 @@
 #include <vector>
 
 #include "handlers/safetensors.h"
+#include "testing/pipeline_golden.h"
 #include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
 
-using ::ds::test::GoldenDir;
+using ::ds::test::CaseNames;
+using ::ds::test::PipelineDir;
+using ::ds::test::ReadJson;
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-fs::path PipelineDir() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline"; }
-
-nlohmann::json ReadJson(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-}
-
-std::vector<std::string> CaseNames() {
-  std::vector<std::string> out;
-  const nlohmann::json cases = ReadJson(PipelineDir() / "cases.json");
-  if (!cases.is_object() || !cases.contains("cases")) return out;
-  for (const auto& [name, unused] : cases["cases"].items()) out.push_back(name);
-  return out;
-}
 
 class FluxLatentsGoldenTest : public ::testing::TestWithParam<std::string> {};
 

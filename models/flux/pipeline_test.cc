@@ -23,49 +23,20 @@
 #include "handlers/image.h"
 #include "handlers/safetensors.h"
 #include "models/flux/latents.h"
+#include "testing/pipeline_golden.h"
 #include "testing/test_util.h"
 
 namespace ds::flux {
 namespace {
 
-using ::ds::test::GoldenDir;
+using ::ds::test::CaseNames;
+using ::ds::test::PipelineDir;
+using ::ds::test::ReadJson;
+using ::ds::test::TextPipelineDir;
+using ::ds::test::WithinTolerance;
 namespace fs = std::filesystem;
 
-constexpr double kAbsTolerance = 1e-4;
-constexpr double kRelTolerance = 1e-4;
 constexpr double kMaxUint8DifferingFraction = 0.001;
-
-fs::path PipelineDir() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline"; }
-fs::path TextPipelineDir() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline_text"; }
-
-nlohmann::json ReadJson(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-}
-
-std::vector<std::string> CaseNames(const fs::path& dir) {
-  std::vector<std::string> out;
-  const nlohmann::json cases = ReadJson(dir / "cases.json");
-  if (!cases.is_object() || !cases.contains("cases")) return out;
-  for (const auto& [name, unused] : cases["cases"].items()) out.push_back(name);
-  return out;
-}
-
-::testing::AssertionResult WithinTolerance(const torch::Tensor& ours, const torch::Tensor& golden) {
-  if (!ours.defined() || !golden.defined()) {
-    return ::testing::AssertionFailure() << "undefined tensor";
-  }
-  if (ours.sizes() != golden.sizes()) {
-    return ::testing::AssertionFailure() << "shape " << ours.sizes() << " vs " << golden.sizes();
-  }
-  const torch::Tensor a = ours.cpu().to(torch::kFloat64), b = golden.to(torch::kFloat64);
-  const torch::Tensor diff = (a - b).abs();
-  const double max_diff = diff.max().item<double>();
-  const double excess = (diff - (kAbsTolerance + kRelTolerance * b.abs())).max().item<double>();
-  if (excess <= 0) return ::testing::AssertionSuccess() << "max |diff| " << max_diff;
-  return ::testing::AssertionFailure() << "max |diff| " << max_diff << " exceeds " << kAbsTolerance
-                                       << " + " << kRelTolerance << " |golden| by " << excess;
-}
 
 // The README's uint8 tolerance: at most one level anywhere, at most 0.1 % of values differing.
 ::testing::AssertionResult Uint8WithinTolerance(const torch::Tensor& ours,
