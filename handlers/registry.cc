@@ -45,6 +45,7 @@ ModelMetadata BuildModelMetadata(const ModelSpec& spec) {
     add("_weight_mapping", Sorted(spec.weight_mapping->VariantNames()));
   }
   if (spec.lora != nullptr) add("_lora", Sorted(spec.lora->FormatNames()));
+  if (spec.ip_adapter != nullptr) add("_supports_ip_adapter", true);
   return ModelMetadata(spec.class_name, std::move(rows));
 }
 
@@ -119,15 +120,28 @@ absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(const std::s
   std::string resolved(class_name);
   if (resolved.empty()) {
     auto it = folder.config.find("_class_name");
-    if (it == folder.config.end() || !it->is_string()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          folder.dir, "/config.json: no \"_class_name\" string; name the model class explicitly"));
+    // transformers' config.json names the class in "architectures" instead.
+    auto arch = folder.config.find("architectures");
+    if (it != folder.config.end() && it->is_string()) {
+      resolved = it->get<std::string>();
+    } else if (it == folder.config.end() && arch != folder.config.end() && arch->is_array() &&
+               !arch->empty() && arch->front().is_string()) {
+      resolved = arch->front().get<std::string>();
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat(folder.dir,
+                       "/config.json: no \"_class_name\" string (nor transformers' "
+                       "\"architectures\" list); name the model class explicitly"));
     }
-    resolved = it->get<std::string>();
   }
   ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find(resolved));
   auto model = spec->factory(folder.config, options);
   if (!model.ok()) return Annotate(model.status(), absl::StrCat(folder.dir, "/config.json"));
+  if (spec->adapt_state_dict) {
+    auto adapted = spec->adapt_state_dict(std::move(folder.weights));
+    if (!adapted.ok()) return Annotate(adapted.status(), folder.dir);
+    folder.weights = std::move(adapted).value();
+  }
   RETURN_IF_ERROR(LoadStateDict((*model)->module(), folder.weights, folder.dir));
   return std::move(model).value();
 }

@@ -41,6 +41,13 @@ struct ModelSpec {
   // capability is not wired and its metadata row is absent.
   const LoraHandler* lora = nullptr;
   const WeightMappingHandler* weight_mapping = nullptr;
+  // The IP-Adapter mixin (ip_adapter_handler.h); wired = the `_supports_ip_adapter` row.
+  const IPAdapterHandler* ip_adapter = nullptr;
+  // Applied by LoadModelFromFolder to a folder's state dict before the strict load, for what the
+  // reference library accepts besides the module's own names: a tied weight stored under either
+  // name, keys it ignores on load (transformers' _keys_to_ignore_on_load_unexpected). Must only
+  // rename or drop entries (no data change); an error names the key. Empty: loaded as is.
+  std::function<absl::StatusOr<TensorMap>(TensorMap state_dict)> adapt_state_dict;
 };
 
 // The metadata table of a spec, derived from its structure and wired handlers (lists sorted).
@@ -81,8 +88,9 @@ struct ModelRegistrar {
                                                               __LINE__)(spec_expr)
 
 // Loads a diffusers-format model folder (see OpenModelFolder in state_dict.h): reads config.json,
-// resolves the model by its "_class_name" (or `class_name` when non-empty, which wins), builds it
-// with `options` and loads the weights strictly.
+// resolves the model by its "_class_name" (a transformers config.json's "architectures"[0] when
+// it has no "_class_name"; `class_name` when non-empty wins), builds it with `options`, applies
+// the spec's adapt_state_dict and loads the weights strictly.
 // NOT_FOUND for a missing folder or an unregistered class; INVALID_ARGUMENT for a bad config or a
 // state dict that does not match (missing/unexpected/shape-mismatched keys by name).
 absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(

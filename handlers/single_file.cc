@@ -179,6 +179,10 @@ absl::StatusOr<SingleFileInspection> InspectSingleFile(const std::string& path,
     }
   }
   r.ignored = in.keys.bundled;
+  for (const auto& [key, why] : in.detection.ignored) {
+    auto source = in.keys.source.find(key);
+    r.ignored[source == in.keys.source.end() ? key : source->second] = why;
+  }
 
   auto plan = in.spec->weight_mapping->PlanToDiffusers(in.keys.model_keys, in.detection);
   if (!plan.ok()) return Annotate(plan.status(), path);

@@ -78,6 +78,9 @@ struct WeightMappingDetection {
   // that cannot be derived from weights hold the variant's defaults and are listed in `assumed`.
   nlohmann::json config;
   std::vector<std::string> assumed;
+  // Keys (as given to Detect) the plan leaves out on purpose, with the reason (e.g. a buffer the
+  // reference library no longer loads, a tied duplicate); reported as ignored by the loader.
+  std::map<std::string, std::string> ignored;
 };
 
 // The per-model single-file handler. Implementations are immutable and thread-safe.
