@@ -7,6 +7,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -374,9 +375,11 @@ Tensor Heads(const Tensor& x, int64_t heads) {
   return x.view({x.size(0), x.size(1), heads, x.size(2) / heads});
 }
 
+// `ip` (nullptr: none) adds the IP-Adapter term of block `index` (see ip_adapter.h).
 std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockImpl& blk, Tensor h,
                                       Tensor e, const Tensor& silu_temb, const Tensor& freqs,
-                                      const std::string& name) {
+                                      const std::string& name, const FluxIPAdapterRun* ip,
+                                      int64_t index) {
   const FluxAttentionImpl& attn = *blk.attn;
   const int64_t s_txt = e.size(1), s_img = h.size(1), batch = h.size(0);
   // Modulation chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
@@ -395,10 +398,10 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
 
   // Joint attention over [text, image].
   const int64_t heads = attn.heads;
-  const Tensor q =
-      torch::cat({RMS(c, *attn.norm_added_q, Heads(Lin(c, *attn.add_q_proj, ne), heads)),
-                  RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nh), heads))},
-                 1);
+  // The image stream's query after QK-norm, before RoPE: also the IP-Adapter's query.
+  const Tensor img_q = RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nh), heads));
+  const Tensor q = torch::cat(
+      {RMS(c, *attn.norm_added_q, Heads(Lin(c, *attn.add_q_proj, ne), heads)), img_q}, 1);
   const Tensor k =
       torch::cat({RMS(c, *attn.norm_added_k, Heads(Lin(c, *attn.add_k_proj, ne), heads)),
                   RMS(c, *attn.norm_k, Heads(Lin(c, *attn.to_k, nh), heads))},
@@ -418,6 +421,13 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
     Tensor x = Lin(c, *blk.ff->net_0->proj, Modulate(c, LayerNorm(c, *blk.norm2, h), m[4], m[3]));
     at::gelu_(x, "tanh");
     GatedAdd(c, h, m[5], Lin(c, *blk.ff->net_2, c.R(x)));
+  }
+  if (ip != nullptr && ip->active(index)) {
+    // diffusers: hidden_states + ip_attn_output after the MLP, ungated.
+    const Tensor ip_out = ip->AttentionOutput(index, img_q);
+    c.Capture(name + ".attn.ip_attn_output", ip_out);
+    h.add_(ip_out);
+    c.R(h);
   }
   GatedAdd(c, e, mc[2], attn_e);
   {
@@ -545,11 +555,22 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
   const Tensor freqs =
       torch::complex(rope_cos, rope_sin).view({1, ids.size(0), 1, rope_cos.size(1)});
 
+  // IP-Adapter image tokens and keys/values, once per forward (only with a non-zero scale).
+  std::optional<FluxIPAdapterRun> ip;
+  if (in.ip_adapter != nullptr && in.ip_adapter->active()) {
+    ip.emplace(*in.ip_adapter, batch, cfg.num_attention_heads, c.act,
+               c.emulate ? std::optional<torch::ScalarType>(c.dtype) : std::nullopt, dev);
+    for (size_t i = 0; i < ip->ip_hidden_states().size(); ++i) {
+      c.Capture(absl::StrCat("ip_hidden_states.", i), ip->ip_hidden_states()[i]);
+    }
+  }
+
   // Every AdaNorm applies SiLU to temb first; compute it once.
   const Tensor silu_temb = SiLU(c, temb);
   for (size_t i = 0; i < blocks.size(); ++i) {
     std::tie(h, e) =
-        DoubleBlock(c, *blocks[i], h, e, silu_temb, freqs, absl::StrCat("transformer_blocks.", i));
+        DoubleBlock(c, *blocks[i], h, e, silu_temb, freqs, absl::StrCat("transformer_blocks.", i),
+                    ip.has_value() ? &*ip : nullptr, static_cast<int64_t>(i));
   }
   const int64_t s_txt = e.size(1);
   if (!single_blocks.empty()) {
@@ -767,6 +788,21 @@ absl::StatusOr<torch::Tensor> FluxTransformer::Forward(const TensorMap& inputs,
 absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithIntermediates(
     const TensorMap& inputs, Intermediates* intermediates, const ds::LoraContext* lora) const {
   ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs, lora));
+  return TorchCall("FluxTransformer2DModel forward",
+                   [&] { return model_->forward(in, intermediates, lora); });
+}
+
+absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithIPAdapter(
+    const TensorMap& inputs, const ds::LoraContext* lora,
+    const FluxIPAdapterConditioning* ip_adapter, Intermediates* intermediates) const {
+  ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs, lora));
+  if (ip_adapter != nullptr) {
+    const int64_t batch = std::max({in.hidden_states.size(0), in.encoder_hidden_states.size(0),
+                                    in.pooled_projections.size(0), in.timestep.size(0),
+                                    in.guidance.defined() ? in.guidance.size(0) : int64_t{1}});
+    RETURN_IF_ERROR(ValidateIPAdapterConditioning(*ip_adapter, flux_config(), batch));
+    in.ip_adapter = ip_adapter;
+  }
   return TorchCall("FluxTransformer2DModel forward",
                    [&] { return model_->forward(in, intermediates, lora); });
 }

@@ -36,6 +36,7 @@
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
 #include "models/flux/config.h"
+#include "models/flux/ip_adapter.h"
 
 namespace ds::flux {
 
@@ -259,6 +260,9 @@ struct FluxInputs {
   torch::Tensor img_ids;                // [S_img, len(axes_dims_rope)] (3-D: [0] is used)
   torch::Tensor txt_ids;                // [S_txt, len(axes_dims_rope)] (3-D: [0] is used)
   torch::Tensor guidance;               // [B or 1]; defined iff config.guidance_embeds
+  // Optional IP-Adapter conditioning (ip_adapter.h), not owned; must outlive the forward and be
+  // valid for it (ValidateIPAdapterConditioning). nullptr, or no non-zero scale: the plain forward.
+  const FluxIPAdapterConditioning* ip_adapter = nullptr;
 };
 
 class FluxTransformer2DModelImpl : public torch::nn::Module {
@@ -345,6 +349,17 @@ class FluxTransformer final : public ds::DiffusionModel {
   absl::StatusOr<torch::Tensor> ForwardWithIntermediates(const TensorMap& inputs,
                                                          Intermediates* intermediates,
                                                          const ds::LoraContext* lora = nullptr) const;
+
+  // The forward with IP-Adapter conditioning (ip_adapter.h; nullptr = Forward). The
+  // conditioning is per request: the model is not changed, so concurrent forwards may use
+  // different adapters, images and scales. A conditioning without a non-zero scale gives the plain
+  // forward bit for bit. With `intermediates`, also captures ip_hidden_states.<i> (each adapter's
+  // projected image tokens) and transformer_blocks.<n>.attn.ip_attn_output (the scaled sum added to
+  // block n's image stream). Errors as Forward(), plus ValidateIPAdapterConditioning's.
+  absl::StatusOr<torch::Tensor> ForwardWithIPAdapter(const TensorMap& inputs,
+                                                     const ds::LoraContext* lora,
+                                                     const FluxIPAdapterConditioning* ip_adapter,
+                                                     Intermediates* intermediates = nullptr) const;
 
   // Validates named inputs and returns them as FluxInputs (tensors unchanged; 3-D ids reduced to
   // [0]). hidden_states must be input_width() wide, or as wide as `lora` widens x_embedder.
