@@ -92,19 +92,24 @@ void InitRandomWeights(torch::nn::Module& module, uint64_t seed) {
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
     params.emplace(item.key(), item.value());
   }
+  // A weight of rank >= 2 (a matrix, or a convolution kernel [out, in, k...]) has fan-in
+  // numel / out, as torch.nn.Linear / ConvNd count it.
+  auto weight_fan_in = [](const torch::Tensor& w) -> int64_t {
+    return w.dim() >= 2 && w.size(0) > 0 ? w.numel() / w.size(0) : 0;
+  };
   auto fan_in_of = [&](const std::string& name) -> int64_t {
-    // "<prefix>.bias" takes the fan-in of "<prefix>.weight" when that is a matrix.
+    // "<prefix>.bias" takes the fan-in of "<prefix>.weight" when that has rank >= 2.
     const std::string suffix = ".bias";
     if (name.size() < suffix.size() ||
         name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
       return 0;
     }
     auto it = params.find(name.substr(0, name.size() - suffix.size()) + ".weight");
-    return it != params.end() && it->second.dim() == 2 ? it->second.size(1) : 0;
+    return it != params.end() ? weight_fan_in(it->second) : 0;
   };
   for (auto& [name, p] : params) {
     torch::Tensor v = torch::empty(p.sizes(), torch::kFloat);
-    int64_t fan_in = p.dim() == 2 ? p.size(1) : fan_in_of(name);
+    int64_t fan_in = p.dim() >= 2 ? weight_fan_in(p) : fan_in_of(name);
     if (fan_in > 0) {
       const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
       v.uniform_(-bound, bound, gen);

@@ -41,9 +41,10 @@ absl::Status LoadStateDict(torch::nn::Module& module, const TensorMap& state_dic
                            StateDictReport* report = nullptr);
 
 // Fills every parameter of `module` deterministically from `seed`, independent of its dtype and
-// device (values are drawn in float32 on the CPU in name order, then converted): 2-D weights and
-// their biases ~ U(-1/√in, 1/√in) like torch.nn.Linear's default initialization, other parameters
-// without a 2-D ".weight" sibling (norm scales) ~ 1 + U(-0.1, 0.1). Model-agnostic; for tests,
+// device (values are drawn in float32 on the CPU in name order, then converted): weights of rank
+// >= 2 (matrices, convolution kernels) and their biases ~ U(-1/√fan_in, 1/√fan_in) with fan_in =
+// numel / rows, like torch.nn.Linear's and ConvNd's default initialization; other parameters
+// without such a ".weight" sibling (norm scales, embeddings of rank 1) ~ 1 + U(-0.1, 0.1). Model-agnostic; for tests,
 // benchmarks and the server's embedded demo model (real weights come from a state dict). Needs
 // exclusive access to the module. LibTorch errors propagate as exceptions (call it inside
 // TorchCall where they must not escape).

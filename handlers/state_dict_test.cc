@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -168,6 +169,36 @@ TEST(StateDictTest, ConvertsDtypeToEachParameter) {
   // Half checkpoint -> bfloat16 module.
   ASSERT_TRUE(LoadStateDict(*net, FullStateDict(torch::kFloat16)).ok());
   EXPECT_TRUE(torch::equal(net->a->bias.to(torch::kFloat32), torch::tensor({10.0f, 20.0f})));
+}
+
+// InitRandomWeights: every weight of rank >= 2 and its bias within 1/sqrt(fan_in) (fan_in =
+// numel / rows, so a conv kernel counts in x kh x kw), norm scales around 1, deterministic.
+TEST(StateDictTest, InitRandomWeightsScalesByFanIn) {
+  struct Net : torch::nn::Module {
+    Net() {
+      conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 4, 3)));
+      linear = register_module("linear", torch::nn::Linear(12, 5));
+      norm = register_module("norm", torch::nn::GroupNorm(2, 4));
+    }
+    torch::nn::Conv2d conv{nullptr};
+    torch::nn::Linear linear{nullptr};
+    torch::nn::GroupNorm norm{nullptr};
+  };
+  Net a, b;
+  InitRandomWeights(a, 3);
+  InitRandomWeights(b, 3);
+  for (const auto& [name, t] : NamedTensors(a)) {
+    SCOPED_TRACE(name);
+    EXPECT_TRUE(torch::equal(t, NamedTensors(b).at(name)));
+  }
+  auto max_abs = [](const torch::Tensor& t) { return t.abs().max().item<double>(); };
+  const double conv_bound = 1.0 / std::sqrt(8.0 * 3 * 3);
+  EXPECT_LE(max_abs(a.conv->weight), conv_bound);
+  EXPECT_GT(max_abs(a.conv->weight), 0.5 * conv_bound);
+  EXPECT_LE(max_abs(a.conv->bias), conv_bound);
+  EXPECT_LE(max_abs(a.linear->weight), 1.0 / std::sqrt(12.0));
+  EXPECT_GT(max_abs(a.linear->weight), 0.5 / std::sqrt(12.0));
+  EXPECT_LE(max_abs(a.norm->weight - 1.0), 0.1 + 1e-6);
 }
 
 TEST(StateDictTest, ReadJsonFileErrors) {

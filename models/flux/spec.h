@@ -14,4 +14,7 @@ ModelSpec MakeFluxSpec();
 // FluxPipeline::FromPretrained.
 PipelineSpec MakeFluxPipelineSpec();
 
+// The "flux-tiny" demo recipe MakeFluxPipelineSpec lists (handlers/demo_pipeline.h).
+DemoPipelineRecipe FluxTinyDemo();
+
 }  // namespace ds::flux
