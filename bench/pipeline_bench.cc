@@ -12,6 +12,14 @@
 // bare forwards of the same transformer on the same inputs. Reported: the median over rounds of
 // (median pipeline step / median bare forward), the whole denoise loop per step (setup included:
 // noise, packing, ids, schedule), and separately the VAE decode (+ postprocess) of one image.
+//
+// Text prompts (issue 7 target: a cached prompt's encoding < 1% of a 4-step generation): the same
+// pipeline with a CLIP text encoder (--clip_layers, width = pooled_projection_dim) and a gated T5
+// encoder (--t5_layers, width = joint_attention_dim), random weights, and the tokenizers of
+// --tokenizers (a pipeline folder with tokenizer/ and tokenizer_2/; default: the golden
+// flux_tiny). Reported: EncodePrompt of a cached prompt, of an uncached one (a fresh prompt each
+// time; T5 padded to --txt_tokens), a whole 4-step Generate from the cached prompt (decode
+// included), and the ratio cached / generation. --clip_layers 0 skips this part.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -30,6 +38,8 @@
 #include "handlers/lora_host.h"
 #include "handlers/registry.h"
 #include "handlers/state_dict.h"
+#include "handlers/text_encoder.h"
+#include "handlers/tokenizers/tokenizer.h"
 #include "models/flux/latents.h"
 #include "models/flux/pipeline.h"
 
@@ -43,6 +53,11 @@ ABSL_FLAG(int32_t, size, 256, "image height and width in pixels (multiple of 16)
 ABSL_FLAG(int32_t, txt_tokens, 128, "text tokens");
 ABSL_FLAG(int32_t, steps, 4, "denoising steps per Generate");
 ABSL_FLAG(int32_t, rounds, 5, "interleaved rounds (median reported)");
+ABSL_FLAG(int32_t, clip_layers, 4, "CLIP text encoder layers (0: skip the text-prompt part)");
+ABSL_FLAG(int32_t, t5_layers, 4, "T5 encoder layers");
+ABSL_FLAG(std::string, tokenizers, std::string(DS_GOLDEN_DIR) + "/pipeline/flux_pipeline_text/flux_tiny",
+          "folder with tokenizer/ (CLIP) and tokenizer_2/ (T5)");
+ABSL_FLAG(int32_t, encode_reps, 30, "EncodePrompt repetitions per measurement (median)");
 ABSL_FLAG(std::string, vae_channels, "32,64,128,128",
           "VAE block_out_channels (FLUX.1: 128,256,512,512); 4 levels = scale factor 8");
 
@@ -236,5 +251,103 @@ int main(int argc, char** argv) {
       "  VAE decode + postprocess (1 image %lldx%lld, block_out_channels %s): median %.1f ms\n",
       static_cast<long long>(size), static_cast<long long>(size),
       absl::GetFlag(FLAGS_vae_channels).c_str(), Median(decode_s) * 1e3);
+
+  // Text prompts.
+  const int clip_layers = absl::GetFlag(FLAGS_clip_layers);
+  if (clip_layers < 1) return 0;
+  const std::string tok_dir = absl::GetFlag(FLAGS_tokenizers);
+  auto clip_tok = ds::tokenizers::LoadTokenizerFromFolder(tok_dir + "/tokenizer");
+  auto t5_tok = ds::tokenizers::LoadTokenizerFromFolder(tok_dir + "/tokenizer_2");
+  if (!clip_tok.ok()) return Fail(clip_tok.status());
+  if (!t5_tok.ok()) return Fail(t5_tok.status());
+  const int64_t clip_width = cfg.pooled_projection_dim;
+  const nlohmann::json clip_config = {
+      {"vocab_size", (*clip_tok)->vocab_size()}, {"hidden_size", clip_width},
+      {"intermediate_size", 4 * clip_width},     {"num_hidden_layers", clip_layers},
+      {"num_attention_heads", clip_width / 64},  {"max_position_embeddings", 77},
+      {"hidden_act", "quick_gelu"},              {"bos_token_id", 0},
+      {"eos_token_id", 2},                       {"pad_token_id", 1},
+  };
+  const int64_t t5_width = cfg.joint_attention_dim;
+  const nlohmann::json t5_config = {
+      {"vocab_size", (*t5_tok)->vocab_size()},
+      {"d_model", t5_width},
+      {"d_kv", 64},
+      {"num_heads", t5_width / 64},
+      {"d_ff", t5_width * 5 / 2},
+      {"num_layers", absl::GetFlag(FLAGS_t5_layers)},
+      {"feed_forward_proj", "gated-gelu"},
+      {"relative_attention_num_buckets", 32},
+      {"relative_attention_max_distance", 128},
+  };
+  std::shared_ptr<const ds::TextEncoder> encoders[2];
+  for (int i = 0; i < 2; ++i) {
+    auto spec = ds::ModelRegistry::Global().Find(i == 0 ? "CLIPTextModel" : "T5EncoderModel");
+    if (!spec.ok()) return Fail(spec.status());
+    auto model = (*spec)->factory(i == 0 ? clip_config : t5_config, ds::ModelOptions{});
+    if (!model.ok()) return Fail(model.status());
+    ds::InitRandomWeights((*model)->module(), 2 + i);
+    std::shared_ptr<const ds::DiffusionModel> owner(std::move(model).value());
+    const auto* encoder = dynamic_cast<const ds::TextEncoder*>(owner.get());
+    if (encoder == nullptr) return Fail(absl::InternalError("not a TextEncoder"));
+    encoders[i] = std::shared_ptr<const ds::TextEncoder>(owner, encoder);
+  }
+  components.tokenizer = std::move(clip_tok).value();
+  components.text_encoder = encoders[0];
+  components.tokenizer_2 = std::move(t5_tok).value();
+  components.text_encoder_2 = encoders[1];
+  auto text_pipeline = ds::flux::FluxPipeline::Create(components);
+  if (!text_pipeline.ok()) return Fail(text_pipeline.status());
+  const ds::flux::FluxPipeline& tp = **text_pipeline;
+
+  const std::string prompt =
+      "a photo of a cat sitting on a windowsill in the afternoon sun, highly detailed";
+  const int reps = std::max(1, absl::GetFlag(FLAGS_encode_reps));
+  std::vector<double> cached_s, uncached_s, generate_s;
+  if (auto e = tp.EncodePrompt({prompt}, {}, txt_tokens); !e.ok()) return Fail(e.status());
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = Clock::now();
+    auto cached = tp.EncodePrompt({prompt}, {}, txt_tokens);
+    cached_s.push_back(Seconds(t0, Clock::now()));
+    if (!cached.ok()) return Fail(cached.status());
+    const std::string fresh = prompt + " variation " + std::to_string(i);
+    t0 = Clock::now();
+    auto uncached = tp.EncodePrompt({fresh}, {}, txt_tokens);
+    uncached_s.push_back(Seconds(t0, Clock::now()));
+    if (!uncached.ok()) return Fail(uncached.status());
+  }
+  ds::flux::FluxPipelineRequest text_request;
+  text_request.prompt = {prompt};
+  text_request.max_sequence_length = txt_tokens;
+  text_request.height = size;
+  text_request.width = size;
+  text_request.num_inference_steps = 4;
+  text_request.seed = 0;
+  text_request.decode = true;
+  double encode_in_generate = 0;
+  for (int round = 0; round < rounds; ++round) {
+    const auto t0 = Clock::now();
+    auto r = tp.Generate(text_request);
+    generate_s.push_back(Seconds(t0, Clock::now()));
+    if (!r.ok()) return Fail(r.status());
+    encode_in_generate = r->encode_seconds;
+  }
+  const ds::PromptCacheStats stats = tp.prompt_cache_stats();
+  std::printf(
+      "text prompts: CLIP %d layers x %lld wide, T5 %d layers x %lld wide, T5 tokens %lld\n",
+      clip_layers, static_cast<long long>(clip_width), absl::GetFlag(FLAGS_t5_layers),
+      static_cast<long long>(t5_width), static_cast<long long>(txt_tokens));
+  std::printf("  EncodePrompt, cached prompt:      median %.4f ms\n", Median(cached_s) * 1e3);
+  std::printf("  EncodePrompt, uncached prompt:    median %.2f ms\n", Median(uncached_s) * 1e3);
+  std::printf("  4-step Generate from the cached prompt (decode included): median %.1f ms "
+              "(its encode_seconds %.4f ms)\n",
+              Median(generate_s) * 1e3, encode_in_generate * 1e3);
+  std::printf("  ratio cached encode / 4-step generation: %.6f (%.4f%%) [target < 1%%]\n",
+              Median(cached_s) / Median(generate_s), 100 * Median(cached_s) / Median(generate_s));
+  std::printf("  ratio uncached encode / 4-step generation: %.4f\n",
+              Median(uncached_s) / Median(generate_s));
+  std::printf("  prompt cache: %lld hits, %lld misses, %lld entries, %lld bytes\n",
+              static_cast<long long>(stats.hits), static_cast<long long>(stats.misses),
+              static_cast<long long>(stats.entries), static_cast<long long>(stats.bytes));
   return 0;
 }

@@ -32,6 +32,20 @@ absl::Status PipelineRegistry::Register(PipelineSpec spec) {
           absl::StrCat("pipeline class '", spec.class_name, "' is already registered"));
     }
   }
+  for (size_t i = 0; i < spec.demos.size(); ++i) {
+    const DemoPipelineRecipe& demo = spec.demos[i];
+    if (demo.pipeline_class != spec.class_name) {
+      return absl::InvalidArgumentError(absl::StrCat("demo '", demo.name, "' of pipeline class '",
+                                                     spec.class_name, "' names pipeline_class '",
+                                                     demo.pipeline_class, "'"));
+    }
+    bool duplicate = FindDemo(demo.name).ok();
+    for (size_t j = 0; j < i; ++j) duplicate |= spec.demos[j].name == demo.name;
+    if (duplicate) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("demo pipeline '", demo.name, "' is already registered"));
+    }
+  }
   specs_.push_back(std::make_unique<PipelineSpec>(std::move(spec)));
   return absl::OkStatus();
 }
@@ -43,6 +57,20 @@ absl::StatusOr<const PipelineSpec*> PipelineRegistry::Find(std::string_view clas
   std::vector<std::string> known;
   for (const PipelineSpec* spec : List()) known.push_back(spec->class_name);
   return absl::NotFoundError(absl::StrCat("no registered pipeline class '", std::string(class_name),
+                                          "'; registered: ",
+                                          known.empty() ? "none" : absl::StrJoin(known, ", ")));
+}
+
+absl::StatusOr<const DemoPipelineRecipe*> PipelineRegistry::FindDemo(
+    std::string_view name) const {
+  std::vector<std::string> known;
+  for (const PipelineSpec* spec : List()) {
+    for (const DemoPipelineRecipe& demo : spec->demos) {
+      if (demo.name == name) return &demo;
+      known.push_back(demo.name);
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("no demo pipeline '", std::string(name),
                                           "'; registered: ",
                                           known.empty() ? "none" : absl::StrJoin(known, ", ")));
 }

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "handlers/demo_pipeline.h"
 #include "handlers/flow_match.h"
 #include "handlers/lora_host.h"
 #include "handlers/model.h"
@@ -37,11 +38,43 @@ struct PipelineOptions {
   int64_t max_batch = 16;
   // Largest height and width, pixels.
   int64_t max_image_side = 4096;
+  // Encoded prompts kept per (text encoder, prompt text, max length) so that repeated prompts
+  // skip the text encoders (a bounded LRU inside the pipeline, see prompt_cache_stats()); 0 = no
+  // cache. Each entry holds one prompt's encoder output on the encoder's device (FLUX.1's T5-XXL:
+  // 512 x 4096 values, 4 MiB in bfloat16).
+  int64_t prompt_cache_entries = 256;
+  // Largest total size of the cached tensors, bytes; least recently used entries are dropped
+  // first, and an entry larger than this is not cached. 0 = bounded by the entry count only.
+  int64_t prompt_cache_max_bytes = int64_t{512} << 20;
+};
+
+// Counters of a pipeline's prompt-embedding cache (all zero for pipelines without one).
+struct PromptCacheStats {
+  int64_t hits = 0;       // lookups answered from the cache, since creation
+  int64_t misses = 0;     // lookups that ran the text encoder, since creation
+  int64_t evictions = 0;  // entries dropped for room, since creation
+  int64_t entries = 0;    // entries held now
+  int64_t bytes = 0;      // bytes of tensors held now
+  int64_t capacity_entries = 0;  // PipelineOptions::prompt_cache_entries (0 = no cache)
 };
 
 // One generation request. Tensors may be on any device and of any floating dtype; the pipeline
 // moves them to its transformer's dtype and device.
 struct PipelineRequest {
+  // Text prompts, one per prompt (P = prompt.size()), encoded by the pipeline's text encoders
+  // (limits().accepts_text_prompt); "" is a valid (empty) prompt. Empty vector: the request
+  // carries prompt_embeds instead; giving both is INVALID_ARGUMENT (as diffusers).
+  std::vector<std::string> prompt;
+  // Prompts for the second text encoder (Flux: T5), same count as `prompt`; empty = `prompt`.
+  std::vector<std::string> prompt_2;
+  // Negative prompts for true classifier-free guidance (1 or P of them; instead of
+  // negative_prompt_embeds), and for the second encoder (empty = negative_prompt). Encoded only
+  // when true CFG runs (true_cfg_scale > 1), as diffusers does.
+  std::vector<std::string> negative_prompt;
+  std::vector<std::string> negative_prompt_2;
+  // Token length the sequence text encoder (Flux: T5) pads and truncates prompts to; in
+  // [1, limits().max_sequence_length_limit].
+  int64_t max_sequence_length = 512;
   // [P, L, D] or [L, D] (P = 1), D = the transformer's text-embedding width.
   torch::Tensor prompt_embeds;
   // [P, D_pooled] or [D_pooled]; may stay undefined for pipelines whose transformer takes no
@@ -92,6 +125,24 @@ struct PipelineResult {
   bool true_cfg_applied = false;
   double denoise_seconds = 0;
   double decode_seconds = 0;  // VAE decode and postprocessing (PNG included)
+
+  // Text prompts (PipelineRequest::prompt and friends) whose tokens did not fit: the tokenizer
+  // dropped the tail, as diffusers does (it only logs a warning).
+  struct PromptTruncation {
+    std::string field;      // "prompt", "prompt_2", "negative_prompt" or "negative_prompt_2"
+    int64_t index = 0;      // which prompt of that field
+    std::string component;  // the tokenizer component, e.g. "tokenizer" (CLIP), "tokenizer_2" (T5)
+    int64_t tokens = 0;     // the prompt's length in tokens (special tokens included), untruncated
+    int64_t max_length = 0;  // the length it was cut to
+  };
+  std::vector<PromptTruncation> truncated_prompts;
+  // Human-readable notes about the request (truncated prompts, ignored negative prompts, ...).
+  std::vector<std::string> warnings;
+  // Text encoding of this request: seconds (tokenizers + encoders, cache lookups included) and
+  // the prompt-cache lookups it made.
+  double encode_seconds = 0;
+  int64_t prompt_cache_hits = 0;
+  int64_t prompt_cache_misses = 0;
 };
 
 // What a pipeline accepts and what it assumes when a request leaves a field at its default.
@@ -113,6 +164,11 @@ struct PipelineLimits {
   int64_t latent_channels = 0;
   // Whether the pipeline can decode to images (has a VAE).
   bool can_decode = false;
+  // Whether requests may carry text prompts (the pipeline has its text encoders and tokenizers).
+  bool accepts_text_prompt = false;
+  // Largest PipelineRequest::max_sequence_length (Flux: 512); 0 when the pipeline has no
+  // sequence text encoder setting.
+  int64_t max_sequence_length_limit = 0;
 };
 
 // The pipeline's components as a report shows them.
@@ -151,6 +207,10 @@ class DiffusionPipeline {
 
   virtual PipelineLimits limits() const = 0;
   virtual PipelineDescription describe() const = 0;
+
+  // The prompt-embedding cache's counters (PipelineOptions::prompt_cache_entries); all zero for
+  // pipelines without one. Thread-safe.
+  virtual PromptCacheStats prompt_cache_stats() const { return {}; }
 };
 
 // How to load a pipeline folder.
@@ -169,17 +229,25 @@ struct PipelineSpec {
   std::string class_name;   // diffusers pipeline class name, model_index.json's "_class_name"
   std::string description;  // one line for listings
   PipelineFactory from_pretrained;
+  // Tiny demo pipelines of this class with random weights (handlers/demo_pipeline.h), written to
+  // real files and loaded through from_pretrained; names are unique across the registry.
+  std::vector<DemoPipelineRecipe> demos;
 };
 
 class PipelineRegistry {
  public:
   static PipelineRegistry& Global();
 
-  // INVALID_ARGUMENT for an empty class name or factory; ALREADY_EXISTS for a duplicate class.
+  // INVALID_ARGUMENT for an empty class name or factory, or a demo whose pipeline_class is not the
+  // spec's; ALREADY_EXISTS for a duplicate class or demo name.
   absl::Status Register(PipelineSpec spec);
 
   // By class name (exact). NOT_FOUND listing the registered pipeline classes otherwise.
   absl::StatusOr<const PipelineSpec*> Find(std::string_view class_name) const;
+
+  // The demo recipe named `name` (exact) from any registered spec. NOT_FOUND listing the demo
+  // names otherwise.
+  absl::StatusOr<const DemoPipelineRecipe*> FindDemo(std::string_view name) const;
 
   // Every registered spec, sorted by class name.
   std::vector<const PipelineSpec*> List() const;

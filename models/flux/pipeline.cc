@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <tuple>
 #include <string>
 #include <utility>
 
@@ -33,6 +34,13 @@ constexpr char kSchedulerClassName[] = "FlowMatchEulerDiscreteScheduler";
 // The class a VAE single file is resolved as (the single-file loader needs a class to probe
 // bundled-component prefixes such as "vae."); looked up in the registry, never included.
 constexpr char kVaeClassName[] = "AutoencoderKL";
+// The text encoders single files are resolved as (FluxPipeline's text_encoder / text_encoder_2).
+constexpr char kClipTextClassName[] = "CLIPTextModel";
+constexpr char kT5EncoderClassName[] = "T5EncoderModel";
+// diffusers' FluxPipeline.check_inputs: "max_sequence_length cannot be greater than 512".
+constexpr int64_t kMaxSequenceLengthLimit = 512;
+// FluxPipeline.tokenizer_max_length when the CLIP tokenizer records no model_max_length.
+constexpr int64_t kDefaultClipMaxLength = 77;
 
 std::string ShapeString(at::IntArrayRef sizes) {
   return absl::StrCat("[", absl::StrJoin(sizes, ", "), "]");
@@ -95,6 +103,62 @@ absl::StatusOr<std::shared_ptr<const LatentImageDecoder>> LoadVae(const std::str
     model = std::move(loaded->model);
   }
   return AsDecoder(std::move(model), "vae", path);
+}
+
+// The model as a TextEncoder sharing its ownership; INVALID_ARGUMENT naming the component when it
+// is not one.
+absl::StatusOr<std::shared_ptr<const TextEncoder>> AsTextEncoder(
+    std::unique_ptr<DiffusionModel> model, const std::string& component,
+    const std::string& source) {
+  const auto* encoder = dynamic_cast<const TextEncoder*>(model.get());
+  if (encoder == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "component '", component, "' (", model->class_name(), " from ", source,
+        ") is not a text encoder (it does not implement TextEncoder), so it cannot encode "
+        "prompts"));
+  }
+  std::shared_ptr<const DiffusionModel> owner(std::move(model));
+  return std::shared_ptr<const TextEncoder>(owner, encoder);
+}
+
+// A text encoder from a transformers folder (class from `class_name`, else its config.json) or a
+// single file resolved as `class_name` (with `override` replacing derived config fields).
+absl::StatusOr<std::shared_ptr<const TextEncoder>> LoadTextEncoder(
+    const std::string& component, const std::string& path, const ModelOptions& options,
+    const std::string& class_name, const nlohmann::json& override) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) {
+    return absl::NotFoundError(absl::StrCat(component, ": ", path, " does not exist"));
+  }
+  std::unique_ptr<DiffusionModel> model;
+  if (fs::is_directory(path, ec)) {
+    auto loaded = LoadModelFromFolder(path, options, class_name);
+    if (!loaded.ok()) return Annotate(loaded.status(), component);
+    model = std::move(loaded).value();
+  } else {
+    SingleFileOptions sf;
+    sf.model = options;
+    sf.model_class = class_name;
+    sf.config_override = override;
+    auto loaded = LoadSingleFile(path, sf);
+    if (!loaded.ok()) return Annotate(loaded.status(), component);
+    model = std::move(loaded->model);
+  }
+  return AsTextEncoder(std::move(model), component, path);
+}
+
+absl::StatusOr<std::shared_ptr<const tokenizers::Tokenizer>> LoadTokenizer(
+    const std::string& component, const std::string& path) {
+  auto loaded = tokenizers::LoadTokenizerFromFolder(path);
+  if (!loaded.ok()) return Annotate(loaded.status(), component);
+  return std::shared_ptr<const tokenizers::Tokenizer>(std::move(loaded).value());
+}
+
+std::string TokenizerClassName(const tokenizers::Tokenizer& tokenizer) {
+  const std::string kind = tokenizer.kind();
+  if (kind == "clip") return "CLIPTokenizer";
+  if (kind == "t5") return "T5Tokenizer";
+  return kind;
 }
 
 absl::StatusOr<FlowMatchEulerConfig> LoadScheduler(const std::string& path) {
@@ -202,8 +266,26 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
         "FluxPipelineOptions: max_inference_steps, max_batch and max_image_side must be >= 1, got ",
         options.max_inference_steps, ", ", options.max_batch, ", ", options.max_image_side));
   }
+  if (options.prompt_cache_entries < 0 || options.prompt_cache_max_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "FluxPipelineOptions: prompt_cache_entries and prompt_cache_max_bytes must be >= 0, got ",
+        options.prompt_cache_entries, ", ", options.prompt_cache_max_bytes));
+  }
   if (components.transformer == nullptr) {
     return absl::InvalidArgumentError("component 'transformer' is required");
+  }
+  for (const auto& [encoder, tokenizer, encoder_name, tokenizer_name] :
+       {std::tuple<bool, bool, const char*, const char*>{
+            components.text_encoder != nullptr, components.tokenizer != nullptr, "text_encoder",
+            "tokenizer"},
+        {components.text_encoder_2 != nullptr, components.tokenizer_2 != nullptr,
+         "text_encoder_2", "tokenizer_2"}}) {
+    if (encoder != tokenizer) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "component '", encoder ? encoder_name : tokenizer_name, "' is given without '",
+          encoder ? tokenizer_name : encoder_name,
+          "': a text encoder needs its tokenizer (and the reverse)"));
+    }
   }
   const DiffusionModel& model = components.transformer->model();
   if (model.class_name() != kFluxClassName) {
@@ -220,6 +302,12 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
         "a multiple of 4 (2x2-packed latents); got patch_size ",
         config->patch_size, ", in_channels ", config->in_channels, ", out_channels ",
         config->resolved_out_channels()));
+  }
+  if (components.text_encoder_2 != nullptr &&
+      components.text_encoder_2->hidden_size() != config->joint_attention_dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "component 'text_encoder_2' has hidden size ", components.text_encoder_2->hidden_size(),
+        " but the transformer's joint_attention_dim is ", config->joint_attention_dim));
   }
   int64_t vae_scale_factor = kDefaultVaeScaleFactor;
   if (components.vae != nullptr) {
@@ -267,6 +355,10 @@ PipelineLimits FluxPipeline::limits() const {
   l.needs_pooled_prompt_embeds = true;
   l.latent_channels = num_channels_latents();
   l.can_decode = components_.vae != nullptr;
+  l.accepts_text_prompt = components_.text_encoder != nullptr &&
+                          components_.text_encoder_2 != nullptr &&
+                          components_.tokenizer != nullptr && components_.tokenizer_2 != nullptr;
+  l.max_sequence_length_limit = kMaxSequenceLengthLimit;
   return l;
 }
 
@@ -277,6 +369,19 @@ PipelineDescription FluxPipeline::describe() const {
     // Decoders are loaded as registry models; the cross-cast finds their class name.
     const auto* model = dynamic_cast<const DiffusionModel*>(components_.vae.get());
     d.classes["vae"] = model != nullptr ? model->class_name() : "LatentImageDecoder";
+  }
+  for (const auto& [name, encoder] :
+       {std::pair<const char*, const TextEncoder*>{"text_encoder", components_.text_encoder.get()},
+        {"text_encoder_2", components_.text_encoder_2.get()}}) {
+    if (encoder == nullptr) continue;
+    const auto* model = dynamic_cast<const DiffusionModel*>(encoder);
+    d.classes[name] = model != nullptr ? model->class_name() : "TextEncoder";
+  }
+  if (components_.tokenizer != nullptr) {
+    d.classes["tokenizer"] = TokenizerClassName(*components_.tokenizer);
+  }
+  if (components_.tokenizer_2 != nullptr) {
+    d.classes["tokenizer_2"] = TokenizerClassName(*components_.tokenizer_2);
   }
   d.classes["scheduler"] = kSchedulerClassName;
   d.sources = components_.sources;
@@ -318,15 +423,17 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromPretrained(
     if (key.empty() || key[0] == '_') continue;
     ASSIGN_OR_RETURN(IndexEntry e, ParseIndexEntry(index_path, key, value));
     if (!e.present) continue;
-    if (key == "transformer" || key == "vae" || key == "scheduler") {
+    const bool text = key == "text_encoder" || key == "text_encoder_2" || key == "tokenizer" ||
+                      key == "tokenizer_2";
+    if (key == "transformer" || key == "vae" || key == "scheduler" ||
+        (text && options.load_text_encoders)) {
       entries[key] = e;
     } else {
-      const bool text = key.rfind("text_encoder", 0) == 0 || key.rfind("tokenizer", 0) == 0;
-      c.not_loaded[key] =
-          absl::StrCat(e.class_name, " (", e.library.empty() ? "no library" : e.library, "): ",
-                       text ? "text encoders and tokenizers are not supported yet; requests carry "
-                              "prompt_embeds and pooled_prompt_embeds"
-                            : "this component is not supported yet");
+      c.not_loaded[key] = absl::StrCat(
+          e.class_name, " (", e.library.empty() ? "no library" : e.library, "): ",
+          text ? "not loaded (load_text_encoders = false); requests carry prompt_embeds and "
+                 "pooled_prompt_embeds"
+               : "this component is not supported yet");
     }
   }
   auto subfolder = [&](const std::string& key) { return (root / key).string(); };
@@ -364,6 +471,42 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromPretrained(
     ASSIGN_OR_RETURN(c.vae,
                      LoadVae(subfolder("vae"), options.model, it->second.class_name, nullptr));
     c.sources["vae"] = subfolder("vae");
+  }
+
+  // Text encoders and tokenizers: shared ones first, then the folder's.
+  for (const auto& [key, target, shared] :
+       {std::tuple<const char*, std::shared_ptr<const TextEncoder>*,
+                   const std::shared_ptr<const TextEncoder>*>{"text_encoder", &c.text_encoder,
+                                                               &options.text_encoder},
+        {"text_encoder_2", &c.text_encoder_2, &options.text_encoder_2}}) {
+    if (*shared != nullptr) {
+      *target = *shared;
+      c.sources[key] = "shared";
+    } else if (auto it = entries.find(key); it != entries.end()) {
+      const std::string dir = subfolder(key);
+      std::error_code dir_ec;
+      if (!fs::is_directory(dir, dir_ec)) {
+        return absl::NotFoundError(absl::StrCat(index_path, " lists component '", key, "' (",
+                                                it->second.class_name, ") but ", dir,
+                                                " does not exist"));
+      }
+      ASSIGN_OR_RETURN(*target, LoadTextEncoder(key, dir, options.model, it->second.class_name,
+                                                nullptr));
+      c.sources[key] = dir;
+    }
+  }
+  for (const auto& [key, target, shared] :
+       {std::tuple<const char*, std::shared_ptr<const tokenizers::Tokenizer>*,
+                   const std::shared_ptr<const tokenizers::Tokenizer>*>{
+            "tokenizer", &c.tokenizer, &options.tokenizer},
+        {"tokenizer_2", &c.tokenizer_2, &options.tokenizer_2}}) {
+    if (*shared != nullptr) {
+      *target = *shared;
+      c.sources[key] = "shared";
+    } else if (entries.count(key) != 0) {
+      ASSIGN_OR_RETURN(*target, LoadTokenizer(key, subfolder(key)));
+      c.sources[key] = subfolder(key);
+    }
   }
 
   // Scheduler config.
@@ -415,6 +558,37 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromSingleFiles(
     c.sources["vae"] = vae_path;
   }
 
+  // Text encoders (shared ones first) and their tokenizer folders.
+  for (const auto& [key, target, shared, path, class_name, override] :
+       {std::tuple<const char*, std::shared_ptr<const TextEncoder>*,
+                   const std::shared_ptr<const TextEncoder>*, const std::string*, const char*,
+                   const nlohmann::json*>{"text_encoder", &c.text_encoder, &options.text_encoder,
+                                          &files.text_encoder, kClipTextClassName,
+                                          &files.text_encoder_config_override},
+        {"text_encoder_2", &c.text_encoder_2, &options.text_encoder_2, &files.text_encoder_2,
+         kT5EncoderClassName, &files.text_encoder_2_config_override}}) {
+    if (*shared != nullptr) {
+      *target = *shared;
+      c.sources[key] = "shared";
+    } else if (!path->empty()) {
+      ASSIGN_OR_RETURN(*target, LoadTextEncoder(key, *path, options.model, class_name, *override));
+      c.sources[key] = *path;
+    }
+  }
+  for (const auto& [key, target, shared, path] :
+       {std::tuple<const char*, std::shared_ptr<const tokenizers::Tokenizer>*,
+                   const std::shared_ptr<const tokenizers::Tokenizer>*, const std::string*>{
+            "tokenizer", &c.tokenizer, &options.tokenizer, &files.tokenizer},
+        {"tokenizer_2", &c.tokenizer_2, &options.tokenizer_2, &files.tokenizer_2}}) {
+    if (*shared != nullptr) {
+      *target = *shared;
+      c.sources[key] = "shared";
+    } else if (!path->empty()) {
+      ASSIGN_OR_RETURN(*target, LoadTokenizer(key, *path));
+      c.sources[key] = *path;
+    }
+  }
+
   const std::string scheduler_path = !options.scheduler_config_path.empty()
                                          ? options.scheduler_config_path
                                          : files.scheduler_config;
@@ -426,6 +600,125 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromSingleFiles(
     c.sources["scheduler"] = "default";
   }
   return Create(std::move(c), options.pipeline);
+}
+
+absl::StatusOr<CachedPromptEncoding> FluxPipeline::EncodeOne(
+    const std::string& component, const tokenizers::Tokenizer& tokenizer,
+    const TextEncoder& encoder, const std::string& text, int64_t max_length, bool pooled,
+    PipelineResult* report) const {
+  const PromptCacheKey key{component, text, max_length};
+  if (std::optional<CachedPromptEncoding> hit = prompt_cache_->Lookup(key); hit.has_value()) {
+    if (report != nullptr) ++report->prompt_cache_hits;
+    return *std::move(hit);
+  }
+  if (report != nullptr) ++report->prompt_cache_misses;
+  tokenizers::TokenizerOptions topts;
+  topts.max_length = max_length;
+  topts.pad_to_max_length = true;
+  topts.truncate = true;
+  auto tokens = tokenizer.Encode(text, topts);
+  if (!tokens.ok()) return Annotate(tokens.status(), absl::StrCat("tokenizer of ", component));
+  ASSIGN_OR_RETURN(torch::Tensor ids, TorchCall("token ids", [&] {
+                     return torch::tensor(tokens->ids, torch::kInt64).unsqueeze(0);
+                   }));
+  // FluxPipeline passes no attention mask to either encoder (padding is attended to).
+  auto out = encoder.EncodeTokens(ids, torch::Tensor());
+  if (!out.ok()) return Annotate(out.status(), component);
+  CachedPromptEncoding encoding;
+  encoding.truncated = tokens->truncated;
+  encoding.untruncated_length = tokens->untruncated_length;
+  if (pooled) {
+    if (!out->pooled.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "component '", component,
+          "' has no pooled output (FluxPipeline takes pooled_prompt_embeds from it)"));
+    }
+    encoding.embeds = out->pooled[0];
+  } else {
+    encoding.embeds = out->last_hidden_state[0];
+  }
+  prompt_cache_->Insert(key, encoding);
+  return encoding;
+}
+
+absl::StatusOr<FluxPipeline::EncodedPrompts> FluxPipeline::EncodePrompt(
+    const std::vector<std::string>& prompt, const std::vector<std::string>& prompt_2,
+    int64_t max_sequence_length, const std::string& field, PipelineResult* report) const {
+  const auto start = Clock::now();
+  const std::string field_2 = absl::StrCat(field, "_2");
+  std::vector<std::string> missing;
+  for (const auto& [name, present] :
+       {std::pair<const char*, bool>{"tokenizer", components_.tokenizer != nullptr},
+        {"text_encoder", components_.text_encoder != nullptr},
+        {"tokenizer_2", components_.tokenizer_2 != nullptr},
+        {"text_encoder_2", components_.text_encoder_2 != nullptr}}) {
+    if (!present) missing.push_back(name);
+  }
+  if (!missing.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "this pipeline cannot encode text (", field, " given): it has no ",
+        absl::StrJoin(missing, ", "), " component(s); send ", field,
+        "_embeds and pooled embeddings instead, or load a pipeline folder with its text encoders"));
+  }
+  if (prompt.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is empty (no prompts)"));
+  }
+  if (!prompt_2.empty() && prompt_2.size() != prompt.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(field_2, " has ", prompt_2.size(),
+                                                   " prompt(s) but ", field, " has ",
+                                                   prompt.size(), "; give one per prompt or none"));
+  }
+  if (max_sequence_length < 1 || max_sequence_length > kMaxSequenceLengthLimit) {
+    return absl::InvalidArgumentError(absl::StrCat("max_sequence_length must be in [1, ",
+                                                   kMaxSequenceLengthLimit, "], got ",
+                                                   max_sequence_length));
+  }
+  // FluxPipeline.tokenizer_max_length: the CLIP tokenizer's model_max_length (77).
+  int64_t clip_length = components_.tokenizer->model_max_length();
+  if (clip_length == tokenizers::kUnboundedLength) {
+    clip_length = components_.text_encoder->max_position_embeddings() > 0
+                      ? components_.text_encoder->max_position_embeddings()
+                      : kDefaultClipMaxLength;
+  }
+  const std::vector<std::string>& t5_prompts = prompt_2.empty() ? prompt : prompt_2;
+  std::vector<torch::Tensor> pooled, sequence;
+  auto note = [&](const CachedPromptEncoding& e, const std::string& which, size_t index,
+                  const char* component, int64_t max_length) {
+    if (!e.truncated || report == nullptr) return;
+    PipelineResult::PromptTruncation t;
+    t.field = which;
+    t.index = static_cast<int64_t>(index);
+    t.component = component;
+    t.tokens = e.untruncated_length;
+    t.max_length = max_length;
+    report->truncated_prompts.push_back(t);
+    report->warnings.push_back(absl::StrCat(
+        which, "[", index, "] has ", e.untruncated_length, " tokens in ", component,
+        " and was truncated to ", max_length, " (",
+        std::string(component) == "tokenizer" ? "CLIP's limit" : "max_sequence_length", ")"));
+  };
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    auto clip = EncodeOne("text_encoder", *components_.tokenizer, *components_.text_encoder,
+                          prompt[i], clip_length, /*pooled=*/true, report);
+    if (!clip.ok()) return Annotate(clip.status(), absl::StrCat(field, "[", i, "]"));
+    note(*clip, field, i, "tokenizer", clip_length);
+    pooled.push_back(clip->embeds);
+  }
+  for (size_t i = 0; i < t5_prompts.size(); ++i) {
+    const std::string& which = prompt_2.empty() ? field : field_2;
+    auto t5 = EncodeOne("text_encoder_2", *components_.tokenizer_2, *components_.text_encoder_2,
+                        t5_prompts[i], max_sequence_length, /*pooled=*/false, report);
+    if (!t5.ok()) return Annotate(t5.status(), absl::StrCat(which, "[", i, "]"));
+    note(*t5, which, i, "tokenizer_2", max_sequence_length);
+    sequence.push_back(t5->embeds);
+  }
+  EncodedPrompts out;
+  ASSIGN_OR_RETURN(out.pooled_prompt_embeds,
+                   TorchCall("stacking pooled_prompt_embeds", [&] { return torch::stack(pooled); }));
+  ASSIGN_OR_RETURN(out.prompt_embeds,
+                   TorchCall("stacking prompt_embeds", [&] { return torch::stack(sequence); }));
+  if (report != nullptr) report->encode_seconds += SecondsSince(start);
+  return out;
 }
 
 absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
@@ -453,34 +746,120 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
                                                    " exceeds this pipeline's limit of ",
                                                    options_.max_image_side, " pixels per side"));
   }
+  // Text fields first (diffusers' check_inputs), so that a bad request never runs the encoders.
+  FluxPipelineResult result;
+  const bool text_prompt = !request.prompt.empty();
+  const bool negative_text = !request.negative_prompt.empty();
+  if (text_prompt &&
+      (request.prompt_embeds.defined() || request.pooled_prompt_embeds.defined())) {
+    return absl::InvalidArgumentError(
+        "prompt and prompt_embeds / pooled_prompt_embeds are both given; give only one of them");
+  }
+  if (!text_prompt && !request.prompt_2.empty()) {
+    return absl::InvalidArgumentError(
+        "prompt_2 is given without prompt (it cannot go with prompt_embeds)");
+  }
+  if (negative_text && (request.negative_prompt_embeds.defined() ||
+                        request.negative_pooled_prompt_embeds.defined())) {
+    return absl::InvalidArgumentError(
+        "negative_prompt and negative_prompt_embeds / negative_pooled_prompt_embeds are both "
+        "given; give only one of them");
+  }
+  if (!negative_text && !request.negative_prompt_2.empty()) {
+    return absl::InvalidArgumentError(
+        "negative_prompt_2 is given without negative_prompt (it cannot go with "
+        "negative_prompt_embeds)");
+  }
+  if (request.max_sequence_length < 1 || request.max_sequence_length > kMaxSequenceLengthLimit) {
+    return absl::InvalidArgumentError(absl::StrCat("max_sequence_length must be in [1, ",
+                                                   kMaxSequenceLengthLimit, "], got ",
+                                                   request.max_sequence_length));
+  }
+  RETURN_IF_ERROR(CheckFinite("guidance_scale", request.guidance_scale));
+  RETURN_IF_ERROR(CheckFinite("true_cfg_scale", request.true_cfg_scale));
+  if (request.num_images_per_prompt < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_images_per_prompt must be >= 1, got ", request.num_images_per_prompt));
+  }
+  const int64_t steps = request.sigmas.has_value() ? static_cast<int64_t>(request.sigmas->size())
+                                                   : request.num_inference_steps;
+  if (steps < 1 || steps > options_.max_inference_steps) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(request.sigmas.has_value() ? "the number of sigmas" : "num_inference_steps",
+                     " must be in [1, ", options_.max_inference_steps, "], got ", steps));
+  }
+  if (text_prompt && (request.num_images_per_prompt > options_.max_batch ||
+                      static_cast<int64_t>(request.prompt.size()) * request.num_images_per_prompt >
+                          options_.max_batch)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch ", request.prompt.size(), " prompt(s) x num_images_per_prompt ",
+        request.num_images_per_prompt, " exceeds this pipeline's max_batch ", options_.max_batch));
+  }
+  if (!text_prompt && !request.prompt_embeds.defined()) {
+    return absl::InvalidArgumentError(
+        "prompt or prompt_embeds is required (neither is given)");
+  }
+  torch::Tensor prompt_embeds_in = request.prompt_embeds;
+  torch::Tensor pooled_in = request.pooled_prompt_embeds;
+  if (text_prompt) {
+    ASSIGN_OR_RETURN(EncodedPrompts encoded,
+                     EncodePrompt(request.prompt, request.prompt_2, request.max_sequence_length,
+                                  "prompt", &result));
+    prompt_embeds_in = encoded.prompt_embeds;
+    pooled_in = encoded.pooled_prompt_embeds;
+  }
   ASSIGN_OR_RETURN(torch::Tensor prompt_embeds,
-                   SequenceEmbeds("prompt_embeds", request.prompt_embeds, cfg.joint_attention_dim,
+                   SequenceEmbeds("prompt_embeds", prompt_embeds_in, cfg.joint_attention_dim,
                                   "joint_attention_dim"));
   ASSIGN_OR_RETURN(torch::Tensor pooled,
-                   PooledEmbeds("pooled_prompt_embeds", request.pooled_prompt_embeds,
-                                cfg.pooled_projection_dim, "pooled_projection_dim"));
+                   PooledEmbeds("pooled_prompt_embeds", pooled_in, cfg.pooled_projection_dim,
+                                "pooled_projection_dim"));
   const int64_t prompts = prompt_embeds.size(0);
   if (pooled.size(0) != prompts) {
     return absl::InvalidArgumentError(absl::StrCat("pooled_prompt_embeds has batch ",
                                                    pooled.size(0), " but prompt_embeds has batch ",
                                                    prompts));
   }
-  const bool has_negative =
+  const bool negative_embeds_given =
       request.negative_prompt_embeds.defined() || request.negative_pooled_prompt_embeds.defined();
-  if (has_negative && !(request.negative_prompt_embeds.defined() &&
-                        request.negative_pooled_prompt_embeds.defined())) {
+  if (negative_embeds_given && !(request.negative_prompt_embeds.defined() &&
+                                 request.negative_pooled_prompt_embeds.defined())) {
     return absl::InvalidArgumentError(
         "negative_prompt_embeds and negative_pooled_prompt_embeds must be given together");
   }
+  const bool has_negative = negative_embeds_given || negative_text;
+  // FluxPipeline: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt; the negative prompt is
+  // encoded only then.
+  const bool do_true_cfg = has_negative && request.true_cfg_scale > 1.0;
+  if (negative_text && !do_true_cfg) {
+    result.warnings.push_back(absl::StrCat(
+        "negative_prompt is ignored: true classifier-free guidance needs true_cfg_scale > 1 (got ",
+        request.true_cfg_scale, ")"));
+  }
+  if (negative_text && do_true_cfg) {
+    const int64_t n = static_cast<int64_t>(request.negative_prompt.size());
+    if (n != 1 && n != prompts) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "negative_prompt has ", n, " prompt(s); expected 1 or the number of prompts, ", prompts));
+    }
+  }
   torch::Tensor negative_embeds, negative_pooled;
-  if (has_negative) {
+  if (negative_embeds_given || (negative_text && do_true_cfg)) {
+    torch::Tensor negative_embeds_in = request.negative_prompt_embeds;
+    torch::Tensor negative_pooled_in = request.negative_pooled_prompt_embeds;
+    if (negative_text) {
+      ASSIGN_OR_RETURN(EncodedPrompts encoded,
+                       EncodePrompt(request.negative_prompt, request.negative_prompt_2,
+                                    request.max_sequence_length, "negative_prompt", &result));
+      negative_embeds_in = encoded.prompt_embeds;
+      negative_pooled_in = encoded.pooled_prompt_embeds;
+    }
     ASSIGN_OR_RETURN(negative_embeds,
-                     SequenceEmbeds("negative_prompt_embeds", request.negative_prompt_embeds,
+                     SequenceEmbeds("negative_prompt_embeds", negative_embeds_in,
                                     cfg.joint_attention_dim, "joint_attention_dim"));
-    ASSIGN_OR_RETURN(
-        negative_pooled,
-        PooledEmbeds("negative_pooled_prompt_embeds", request.negative_pooled_prompt_embeds,
-                     cfg.pooled_projection_dim, "pooled_projection_dim"));
+    ASSIGN_OR_RETURN(negative_pooled,
+                     PooledEmbeds("negative_pooled_prompt_embeds", negative_pooled_in,
+                                  cfg.pooled_projection_dim, "pooled_projection_dim"));
     for (const auto& [name, t] :
          {std::pair<const char*, const torch::Tensor*>{"negative_prompt_embeds", &negative_embeds},
           {"negative_pooled_prompt_embeds", &negative_pooled}}) {
@@ -490,12 +869,6 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
       }
     }
   }
-  RETURN_IF_ERROR(CheckFinite("guidance_scale", request.guidance_scale));
-  RETURN_IF_ERROR(CheckFinite("true_cfg_scale", request.true_cfg_scale));
-  if (request.num_images_per_prompt < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_images_per_prompt must be >= 1, got ", request.num_images_per_prompt));
-  }
   if (request.num_images_per_prompt > options_.max_batch ||
       prompts * request.num_images_per_prompt > options_.max_batch) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -503,19 +876,10 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
         " exceeds this pipeline's max_batch ", options_.max_batch));
   }
   const int64_t batch = prompts * request.num_images_per_prompt;
-  const int64_t steps = request.sigmas.has_value() ? static_cast<int64_t>(request.sigmas->size())
-                                                   : request.num_inference_steps;
-  if (steps < 1 || steps > options_.max_inference_steps) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(request.sigmas.has_value() ? "the number of sigmas" : "num_inference_steps",
-                     " must be in [1, ", options_.max_inference_steps, "], got ", steps));
-  }
-  const bool do_true_cfg = has_negative && request.true_cfg_scale > 1.0;
 
   // 2-3. Latents (noise), ids, embeddings on the model's dtype and device.
   ASSIGN_OR_RETURN(const std::vector<int64_t> latent_shape,
                    LatentShape(batch, num_channels_latents(), height, width, s));
-  FluxPipelineResult result;
   torch::Tensor noise;
   if (request.latents.defined()) {
     if (!request.latents.is_floating_point() || request.latents.sizes() != latent_shape) {

@@ -1,10 +1,17 @@
 // FluxPipeline: text-to-image generation with a Flux transformer, exactly as diffusers'
-// FluxPipeline.__call__ (pipeline_flux.py, main at 58eb52c) runs it when given prompt embeddings:
+// FluxPipeline.__call__ (pipeline_flux.py, main at 58eb52c) runs it from text prompts or prompt
+// embeddings:
 //
 //   1. check inputs; height and width must be multiples of 2 * vae_scale_factor (diffusers warns
-//   and
-//      rounds down; we refuse with INVALID_ARGUMENT naming the nearest valid sizes);
-//   2. embeddings to the transformer's dtype and device; text ids zeros [L, 3];
+//      and rounds down; we refuse with INVALID_ARGUMENT naming the nearest valid sizes);
+//   2. text prompts (encode_prompt): pooled_prompt_embeds = text_encoder(tokenizer(prompt,
+//      padding max_length = tokenizer.model_max_length (77), truncation)).pooler_output;
+//      prompt_embeds = text_encoder_2(tokenizer_2(prompt_2 (default prompt), padding max_length =
+//      max_sequence_length, truncation)) last hidden state, with NO attention mask (as
+//      FluxPipeline); negative prompts likewise, only when true CFG runs. Each prompt is encoded
+//      on its own (batch 1), so a cached encoding is bit-identical to a fresh one; encodings are
+//      kept in a bounded LRU (PipelineOptions::prompt_cache_entries);
+//      embeddings to the transformer's dtype and device; text ids zeros [L, 3];
 //   3. latents: the given noise, or seeded Gaussian noise [B, C, 2(H/2s), 2(W/2s)] (B = prompts x
 //      num_images_per_prompt, C = in_channels / 4), packed 2x2 into [B, N, 4C]; image ids;
 //   4. sigmas linspace(1, 1/N, N) (or the caller's), mu = calculate_shift(N tokens),
@@ -19,16 +26,18 @@
 //      postprocess to [0, 1] (VaeImageProcessor "pt"), PNG on request.
 //
 // Components: the transformer (held by a LoraHost so requests apply adapter stacks unfused), the
-// VAE (reached only through handlers/image_decoder.h's LatentImageDecoder: this folder never
-// includes another model folder) and the scheduler config (a value). Text encoders and tokenizers
-// are not supported yet: a pipeline folder that lists them loads without them (reported in
-// not_loaded(), as FluxPipeline.from_pretrained(text_encoder=None, ...) does) and requests carry
-// prompt embeddings. Components are shared_ptrs, so pipelines can share identical ones (pass them
-// in FluxPipelineLoadOptions or FluxPipelineComponents).
+// VAE (reached only through handlers/image_decoder.h's LatentImageDecoder), the CLIP and T5 text
+// encoders (reached only through handlers/text_encoder.h's TextEncoder: this folder never includes
+// another model folder) with their tokenizers (handlers/tokenizers), and the scheduler config (a
+// value). Without the text encoders (or with load_text_encoders = false, as
+// FluxPipeline.from_pretrained(text_encoder=None, ...)) requests carry prompt embeddings.
+// Components are shared_ptrs, so pipelines can share identical ones (pass them in
+// FluxPipelineLoadOptions or FluxPipelineComponents).
 //
-// Thread-safety: a FluxPipeline is immutable after creation; Generate() may run concurrently from
-// many threads (each call builds its own scheduler; the transformer and VAE are only read).
-// Adapter loading/fusing on the shared LoraHost is safe meanwhile (see lora_host.h).
+// Thread-safety: a FluxPipeline is immutable after creation apart from its prompt cache, which is
+// internally synchronized; Generate() may run concurrently from many threads (each call builds
+// its own scheduler; the transformer, VAE, tokenizers and text encoders are only read). Adapter
+// loading/fusing on the shared LoraHost is safe meanwhile (see lora_host.h).
 #pragma once
 
 #include <cstdint>
@@ -47,6 +56,9 @@
 #include "handlers/lora_host.h"
 #include "handlers/model.h"
 #include "handlers/pipeline.h"
+#include "handlers/prompt_cache.h"
+#include "handlers/text_encoder.h"
+#include "handlers/tokenizers/tokenizer.h"
 #include "models/flux/config.h"
 
 namespace ds::flux {
@@ -61,10 +73,17 @@ struct FluxPipelineComponents {
   // Optional: the VAE. Null: Generate returns latents only (decode requests are
   // FAILED_PRECONDITION) and the latent geometry uses FluxPipeline's default vae_scale_factor 8.
   std::shared_ptr<const LatentImageDecoder> vae;
+  // Optional, each encoder with its tokenizer (both or neither): the CLIP text encoder whose
+  // pooled output is pooled_prompt_embeds (CLIPTextModel's pooler_output; width
+  // pooled_projection_dim) and the T5 encoder whose last hidden state is prompt_embeds (width
+  // joint_attention_dim). Text prompts need all four.
+  std::shared_ptr<const tokenizers::Tokenizer> tokenizer;
+  std::shared_ptr<const TextEncoder> text_encoder;
+  std::shared_ptr<const tokenizers::Tokenizer> tokenizer_2;
+  std::shared_ptr<const TextEncoder> text_encoder_2;
   FlowMatchEulerConfig scheduler;
-  // Components listed by the source but not loaded: name -> why (e.g. "text_encoder" ->
-  // "CLIPTextModel (transformers): text encoders are not supported yet; requests carry
-  // prompt_embeds").
+  // Components listed by the source but not loaded: name -> why (e.g. "image_encoder" ->
+  // "CLIPVisionModelWithProjection (transformers): this component is not supported yet").
   std::map<std::string, std::string> not_loaded;
   // Where each loaded component came from (name -> folder or file), for reports.
   std::map<std::string, std::string> sources;
@@ -82,6 +101,14 @@ struct FluxPipelineLoadOptions {
   // entry for that component is not read.
   std::shared_ptr<LoraHost> transformer;
   std::shared_ptr<const LatentImageDecoder> vae;
+  std::shared_ptr<const tokenizers::Tokenizer> tokenizer;
+  std::shared_ptr<const TextEncoder> text_encoder;
+  std::shared_ptr<const tokenizers::Tokenizer> tokenizer_2;
+  std::shared_ptr<const TextEncoder> text_encoder_2;
+  // false: the source's text encoders and tokenizers are not loaded (reported in not_loaded(), as
+  // from_pretrained(text_encoder=None, tokenizer=None, ...)); requests then carry embeddings.
+  // Shared components given above are used either way.
+  bool load_text_encoders = true;
   // Overrides: a VAE folder (diffusers) or single file (diffusers or BFL/LDM naming), and a
   // scheduler_config.json file or a folder holding one. Empty: from the source.
   std::string vae_path;
@@ -105,6 +132,17 @@ struct FluxSingleFiles {
   // Optional scheduler_config.json (file or folder). Empty: FLUX.1-dev's config for guidance-
   // distilled variants (dev, fill, depth), FLUX.1-schnell's otherwise.
   std::string scheduler_config;
+  // Optional text encoders: a single file (transformers naming, bare or under ComfyUI's /
+  // SD's component prefixes, e.g. clip_l.safetensors, t5xxl_fp16.safetensors) loaded as
+  // CLIPTextModel / T5EncoderModel, or a transformers folder; with config fields the weights do
+  // not record (null or an object). Each needs its tokenizer folder (tokenizer/ with vocab.json +
+  // merges.txt; tokenizer_2/ with spiece.model). Empty: none (unless given in the load options).
+  std::string text_encoder;
+  nlohmann::json text_encoder_config_override;
+  std::string tokenizer;
+  std::string text_encoder_2;
+  nlohmann::json text_encoder_2_config_override;
+  std::string tokenizer_2;
 };
 
 // One generation request (FluxPipeline.__call__'s arguments) and its result: the model-agnostic
@@ -117,8 +155,10 @@ class FluxPipeline : public DiffusionPipeline {
  public:
   // Validates and assembles: INVALID_ARGUMENT when the transformer is missing or not a
   // FluxTransformer2DModel, when its in_channels is not 4 x the VAE's latent_channels (a Fill or
-  // Depth transformer needs its own pipeline), or for a bad scheduler config or options (naming the
-  // field); UNIMPLEMENTED for scheduler settings the scheduler does not implement.
+  // Depth transformer needs its own pipeline), when a text encoder comes without its tokenizer (or
+  // the reverse) or text_encoder_2's hidden_size is not joint_attention_dim, or for a bad
+  // scheduler config or options (naming the field); UNIMPLEMENTED for scheduler settings the
+  // scheduler does not implement.
   static absl::StatusOr<std::unique_ptr<FluxPipeline>> Create(
       FluxPipelineComponents components, const FluxPipelineOptions& options = {});
 
@@ -126,8 +166,11 @@ class FluxPipeline : public DiffusionPipeline {
   // [library, class] or [null, null]); loads `transformer/` (its class looked up in the registry,
   // must be FluxTransformer2DModel) with the registry's LoRA handler for it, `vae/` through the
   // registry by its class name (must implement LatentImageDecoder), and
-  // `scheduler/scheduler_config.json` (FlowMatchEulerDiscreteScheduler). Components listed as null
-  // are absent; text encoders, tokenizers and other listed components are reported in not_loaded().
+  // `scheduler/scheduler_config.json` (FlowMatchEulerDiscreteScheduler), `text_encoder/` and
+  // `text_encoder_2/` through the registry by their class names (must implement TextEncoder) and
+  // `tokenizer/`, `tokenizer_2/` with tokenizers::LoadTokenizerFromFolder (unless
+  // load_text_encoders is false). Components listed as null are absent; other listed components
+  // (image_encoder, feature_extractor, ...) are reported in not_loaded().
   // A missing or null vae / scheduler entry: no VAE / the variant's default scheduler config.
   // NOT_FOUND for a missing folder, model_index.json or component subfolder (named);
   // INVALID_ARGUMENT for malformed model_index.json (naming the key), a component whose class is
@@ -146,7 +189,12 @@ class FluxPipeline : public DiffusionPipeline {
   // the first step and (i, N) after step i; a non-OK status from it stops the run and is returned
   // unchanged (cancellation, deadlines). `on_latents` (may be empty) sees the packed latents after
   // each step.
-  // INVALID_ARGUMENT naming the field: embeddings missing, not floating, of the wrong rank, batch
+  // INVALID_ARGUMENT naming the field: prompt together with prompt_embeds (or negative_prompt with
+  // negative_prompt_embeds), prompt_2 without prompt or of another count, negative_prompt(_2)
+  // counts other than 1 or the prompts', max_sequence_length outside [1, 512], text that is not
+  // UTF-8; FAILED_PRECONDITION for text prompts on a pipeline without its text encoders and
+  // tokenizers (naming the missing ones); INVALID_ARGUMENT naming the field:
+  // embeddings missing, not floating, of the wrong rank, batch
   // or width (naming joint_attention_dim / pooled_projection_dim), only one of the negative pair, a
   // size ValidateImageSize rejects (with the nearest valid sizes) or over max_image_side,
   // num_images_per_prompt < 1 or a batch over max_batch, steps (or sigmas) outside
@@ -163,6 +211,23 @@ class FluxPipeline : public DiffusionPipeline {
   // Defaults: FluxPipeline's (128 * vae_scale_factor pixels, 28 steps, guidance 3.5).
   PipelineLimits limits() const override;
   PipelineDescription describe() const override;
+  PromptCacheStats prompt_cache_stats() const override { return prompt_cache_->stats(); }
+
+  // Text prompts as diffusers' FluxPipeline.encode_prompt computes them (see the file comment):
+  // prompt_embeds [P, max_sequence_length, joint_attention_dim] and pooled_prompt_embeds
+  // [P, pooled_projection_dim] in the encoders' dtype and device, through the prompt cache;
+  // truncations, warnings, cache counters and encode_seconds are added to `report` (may be null).
+  // `field` names the prompts in errors and reports ("prompt" or "negative_prompt"). Errors as
+  // Generate's for the text fields.
+  struct EncodedPrompts {
+    torch::Tensor prompt_embeds;
+    torch::Tensor pooled_prompt_embeds;
+  };
+  absl::StatusOr<EncodedPrompts> EncodePrompt(const std::vector<std::string>& prompt,
+                                              const std::vector<std::string>& prompt_2,
+                                              int64_t max_sequence_length,
+                                              const std::string& field = "prompt",
+                                              PipelineResult* report = nullptr) const;
 
   const FluxPipelineComponents& components() const { return components_; }
   const FluxConfig& transformer_config() const { return transformer_config_; }
@@ -180,12 +245,23 @@ class FluxPipeline : public DiffusionPipeline {
       : components_(std::move(components)),
         transformer_config_(std::move(config)),
         options_(options),
-        vae_scale_factor_(vae_scale_factor) {}
+        vae_scale_factor_(vae_scale_factor),
+        prompt_cache_(std::make_unique<PromptEmbeddingCache>(options.prompt_cache_entries,
+                                                             options.prompt_cache_max_bytes)) {}
+
+  // One prompt through one tokenizer + encoder (or the cache): the pooled output [D] when
+  // `pooled`, else the last hidden state [L, D].
+  absl::StatusOr<CachedPromptEncoding> EncodeOne(const std::string& component,
+                                                 const tokenizers::Tokenizer& tokenizer,
+                                                 const TextEncoder& encoder,
+                                                 const std::string& text, int64_t max_length,
+                                                 bool pooled, PipelineResult* report) const;
 
   FluxPipelineComponents components_;
   FluxConfig transformer_config_;
   FluxPipelineOptions options_;
   int64_t vae_scale_factor_;
+  std::unique_ptr<PromptEmbeddingCache> prompt_cache_;  // never null
 };
 
 }  // namespace ds::flux
