@@ -40,6 +40,7 @@ bench: build
 	$(BUILD_DIR)/bench/lora_bench
 	$(BUILD_DIR)/bench/pipeline_bench
 	$(BUILD_DIR)/bench/server_bench
+	$(BUILD_DIR)/bench/adapter_store_bench
 
 clean:
 	rm -rf $(BUILD_DIR)

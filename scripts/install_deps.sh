@@ -20,6 +20,10 @@ command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
 command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 # tests/prometheus_test: a real Prometheus server scrapes diffusion-server's metrics port.
 PACKAGES+=(prometheus)
+# handlers/tokenizers: T5's SentencePiece models (spiece.model).
+PACKAGES+=(libsentencepiece-dev)
+# tests/deploy_test: nginx as the L7 gRPC load balancer in front of replicas (deploy/nginx/).
+PACKAGES+=(nginx)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

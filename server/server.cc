@@ -51,8 +51,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   std::unique_ptr<Server> server(new Server());
   server->options_ = options;
   server->models_ = models;
-  server->service_ =
-      std::make_unique<DiffusionService>(options, models, std::move(auth), std::move(metrics));
+  if (!options.adapter_store.empty()) {
+    if (options.adapter_store_poll_ms < 10) {
+      return absl::InvalidArgumentError("--adapter_store_poll_ms must be at least 10");
+    }
+    absl::StatusOr<std::unique_ptr<AdapterStore>> store = AdapterStore::Open(options.adapter_store);
+    if (!store.ok()) return Annotate(store.status(), "--adapter_store");
+    AdapterSyncOptions sync_options;
+    sync_options.poll_interval = absl::Milliseconds(options.adapter_store_poll_ms);
+    server->adapter_sync_ =
+        std::make_shared<AdapterSync>(*std::move(store), models, sync_options, metrics);
+  }
+  server->service_ = std::make_unique<DiffusionService>(options, models, std::move(auth),
+                                                        std::move(metrics), server->adapter_sync_);
 
   server->health_ = std::make_unique<HealthService>();
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -77,6 +88,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   models->SetServingListener(
       [health](const std::string& name, bool serving) { health->SetServingStatus(name, serving); });
   for (const std::string& name : models->ReadyNames()) health->SetServingStatus(name, true);
+  if (server->adapter_sync_ != nullptr) server->adapter_sync_->Start();
   return server;
 }
 
@@ -96,6 +108,7 @@ void Server::Shutdown() {
     // waits for them (each generation stops at its next step).
     server_->Shutdown(absl::ToChronoTime(deadline));
     service_->ShutdownSchedulers(absl::Now());
+    if (adapter_sync_ != nullptr) adapter_sync_->Stop();
   });
 }
 

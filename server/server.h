@@ -35,7 +35,8 @@ class Server {
   // Builds and starts the server on options.host:options.port (port 0 picks one). Health
   // statuses follow `models` from now on. INVALID_ARGUMENT for a TLS certificate without a key
   // (or the reverse) and for an unreadable one (NOT_FOUND when missing); UNAVAILABLE if the
-  // address cannot be bound. `metrics` may be null.
+  // address cannot be bound; with options.adapter_store, the errors of AdapterStore::Open (and its
+  // poller starts). `metrics` may be null.
   static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options,
                                                        std::shared_ptr<ModelManager> models,
                                                        AdminAuth auth,
@@ -59,6 +60,7 @@ class Server {
 
   ServerOptions options_;
   std::shared_ptr<ModelManager> models_;
+  std::shared_ptr<AdapterSync> adapter_sync_;  // with --adapter_store; its poller stops at Shutdown
   std::unique_ptr<DiffusionService> service_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<grpc::Server> server_;  // destroyed first: the services outlive it
