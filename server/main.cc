@@ -2,9 +2,12 @@
 // ServerOptions.
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -17,6 +20,8 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_split.h"
 #include "handlers/flow_match_scheduler.h"
 #include "handlers/threads.h"
 #include "server/auth.h"
@@ -66,6 +71,13 @@ ABSL_FLAG(int64_t, max_connection_age_ms, kDefaults.max_connection_age_ms,
           "0 = never");
 ABSL_FLAG(int64_t, max_connection_age_grace_ms, kDefaults.max_connection_age_grace_ms,
           "Time calls on an aged connection get to finish, ms");
+ABSL_FLAG(std::string, adapter_store, "",
+          "Shared adapter store folder (a volume every replica mounts, e.g. a ReadWriteMany PVC): "
+          "LoadLoRA also writes adapters there, other replicas load them on demand and follow "
+          "replacements and removals (see server/adapter_store.h); empty = per-replica adapters");
+ABSL_FLAG(int64_t, adapter_store_poll_ms, kDefaults.adapter_store_poll_ms,
+          "How often each replica re-reads the adapter store, ms: a replaced or removed adapter "
+          "reaches every replica within about this long");
 ABSL_FLAG(int64_t, adapter_memory_budget_bytes, kDefaults.adapter_memory_budget_bytes,
           "LoRA tensor bytes each model instance may hold; least recently used adapters are "
           "evicted beyond it");
@@ -75,7 +87,16 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain file (TLS; needs --t
 ABSL_FLAG(std::string, tls_key, "", "PEM private key file (TLS; needs --tls_cert)");
 ABSL_FLAG(std::string, config, "",
           "JSON file of models and adapters to load at start (see server/preload.h); without it "
-          "(or when it lists no models) the embedded demo model is served as \"default\"");
+          "(or when it lists no models) the --embedded_models are served");
+ABSL_FLAG(std::string, embedded_models, kDefaults.embedded_models,
+          "Models served when no configured ones are (comma-separated; empty = none): "
+          "\"default\" = a bare tiny FluxTransformer2DModel with random weights (latents API), "
+          "\"flux-tiny\" = a tiny FluxPipeline with random weights (PNG images of noise), written "
+          "to files under --embedded_dir on first run and loaded from them");
+ABSL_FLAG(std::string, embedded_dir, "",
+          "Where embedded demo pipelines' files are written (default: "
+          "$XDG_CACHE_HOME/diffusion-server, else $HOME/.cache/diffusion-server, else "
+          "<temp>/diffusion-server-<uid>)");
 
 namespace {
 
@@ -84,7 +105,25 @@ constexpr char kUsage[] =
     "grpc.health.v1, reflection) with Prometheus metrics.\n\n"
     "  diffusion-server [--port=50051] [--metrics_port=9464] [--admin_token_file=FILE]\n"
     "                   [--model_root=DIR] [--adapter_root=DIR] [--config=FILE] ...\n\n"
-    "With no model flags it serves a tiny embedded Flux model as \"default\".";
+    "With no model flags it serves the embedded demo models \"flux-tiny\" (a pipeline making "
+    "PNGs) and \"default\" (a bare transformer); their weights are random.";
+
+// --embedded_dir, or the user's cache folder, or a per-user temporary folder.
+std::string EmbeddedDir(const std::string& flag) {
+  if (!flag.empty()) return flag;
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg == '/') {
+    return std::string(xdg) + "/diffusion-server";
+  }
+  if (const char* home = std::getenv("HOME"); home != nullptr && *home == '/') {
+    const std::string cache = std::string(home) + "/.cache";
+    std::error_code ec;
+    std::filesystem::create_directories(cache, ec);
+    if (!ec && access(cache.c_str(), W_OK) == 0) return cache + "/diffusion-server";
+  }
+  std::error_code ec;
+  const std::filesystem::path tmp = std::filesystem::temp_directory_path(ec);
+  return absl::StrCat(ec ? "/tmp" : tmp.string(), "/diffusion-server-", getuid());
+}
 
 int Fail(const std::string& message, int code = 2) {
   std::cerr << "diffusion-server: " << message << std::endl;
@@ -132,11 +171,15 @@ int main(int argc, char** argv) {
   options.max_connection_age_ms = absl::GetFlag(FLAGS_max_connection_age_ms);
   options.max_connection_age_grace_ms = absl::GetFlag(FLAGS_max_connection_age_grace_ms);
   options.adapter_memory_budget_bytes = absl::GetFlag(FLAGS_adapter_memory_budget_bytes);
+  options.adapter_store = absl::GetFlag(FLAGS_adapter_store);
+  options.adapter_store_poll_ms = absl::GetFlag(FLAGS_adapter_store_poll_ms);
   options.max_steps = absl::GetFlag(FLAGS_max_steps);
   options.default_steps = absl::GetFlag(FLAGS_default_steps);
   options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
   options.tls_key = absl::GetFlag(FLAGS_tls_key);
   options.config_file = absl::GetFlag(FLAGS_config);
+  options.embedded_models = absl::GetFlag(FLAGS_embedded_models);
+  options.embedded_dir = absl::GetFlag(FLAGS_embedded_dir);
 
   if (options.workers_per_device < 1) return Fail("--workers must be at least 1");
   if (options.queue_capacity_per_device < 0) return Fail("--queue_capacity must be >= 0");
@@ -194,11 +237,22 @@ int main(int argc, char** argv) {
     preload = *std::move(config);
   }
   if (preload.models.empty()) {
-    auto loaded = models->LoadEmbedded(ds::server::kDefaultInstanceName);
-    if (!loaded.ok()) {
-      return Fail(absl::StrCat("embedded default model: ", loaded.status().message()), 1);
+    for (absl::string_view part :
+         absl::StrSplit(options.embedded_models, ',', absl::SkipWhitespace())) {
+      const std::string name(absl::StripAsciiWhitespace(part));
+      absl::StatusOr<ds::server::LoadModelResult> loaded;
+      if (name == ds::server::kDefaultInstanceName) {
+        loaded = models->LoadEmbedded(name);
+      } else {
+        loaded = models->LoadDemo(name, EmbeddedDir(options.embedded_dir), name);
+      }
+      if (!loaded.ok()) {
+        return Fail(absl::StrCat("--embedded_models: ", name, ": ", loaded.status().message()), 1);
+      }
+      spdlog::info("embedded model {} ready in {:.3f} s: {}", name, loaded->seconds,
+                   loaded->report);
+      metrics->ObserveModelLoad(name, loaded->seconds);
     }
-    metrics->ObserveModelLoad(ds::server::kDefaultInstanceName, loaded->seconds);
   }
 
   auto server = ds::server::Server::Start(options, models, auth, metrics);

@@ -117,6 +117,20 @@ Metrics::Metrics()
                              .Name("diffusion_adapter_evictions_total")
                              .Help("Adapters evicted from a model instance's cache.")
                              .Register(*registry_)),
+      prompt_cache_hits_(BuildCounter()
+                             .Name("diffusion_prompt_cache_hits_total")
+                             .Help("Encoded-prompt lookups served from a pipeline's prompt cache "
+                                   "(one per text encoder and prompt).")
+                             .Register(*registry_)),
+      prompt_cache_misses_(BuildCounter()
+                               .Name("diffusion_prompt_cache_misses_total")
+                               .Help("Encoded-prompt lookups that ran a text encoder.")
+                               .Register(*registry_)),
+      prompt_encode_(BuildHistogram()
+                         .Name("diffusion_prompt_encode_seconds")
+                         .Help("Text encoding time of a pipeline request (tokenizers, encoders, "
+                               "cache lookups).")
+                         .Register(*registry_)),
       resident_memory_(BuildGauge()
                            .Name("diffusion_process_resident_memory_bytes")
                            .Help("Resident set size of the server process, in bytes.")
@@ -184,6 +198,16 @@ void Metrics::SetAdapters(const std::string& model, int64_t count, int64_t bytes
 void Metrics::AdapterLookup(const std::string& model, bool hit) {
   absl::MutexLock lock(&mu_);
   Get(hit ? adapter_hits_ : adapter_misses_, {{"model", model}}).Increment();
+}
+
+void Metrics::ObservePromptEncoding(const std::string& model, int64_t hits, int64_t misses,
+                                    double seconds) {
+  if (hits + misses == 0) return;  // the request carried embeddings, not text
+  absl::MutexLock lock(&mu_);
+  const Labels labels = {{"model", model}};
+  if (hits > 0) Get(prompt_cache_hits_, labels).Increment(static_cast<double>(hits));
+  if (misses > 0) Get(prompt_cache_misses_, labels).Increment(static_cast<double>(misses));
+  Get(prompt_encode_, labels, StepBuckets()).Observe(seconds);
 }
 
 void Metrics::AdapterEvictions(const std::string& model, int64_t n) {

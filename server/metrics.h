@@ -76,6 +76,9 @@ class Metrics {
   void AdapterLookup(const std::string& model, bool hit);
   // `n` adapters evicted from a model's cache (n <= 0 is ignored).
   void AdapterEvictions(const std::string& model, int64_t n);
+  // A pipeline request's text encoding: prompt-cache lookups (hits, misses) and its seconds.
+  void ObservePromptEncoding(const std::string& model, int64_t hits, int64_t misses,
+                             double seconds);
   // Reads /proc/self/statm and sets diffusion_process_{resident,virtual}_memory_bytes. Leaves the
   // gauges unchanged when /proc is unavailable. The exposer of StartMetricsServer calls it on
   // every scrape.
@@ -112,6 +115,9 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& adapter_hits_;
   prometheus::Family<prometheus::Counter>& adapter_misses_;
   prometheus::Family<prometheus::Counter>& adapter_evictions_;
+  prometheus::Family<prometheus::Counter>& prompt_cache_hits_;
+  prometheus::Family<prometheus::Counter>& prompt_cache_misses_;
+  prometheus::Family<prometheus::Histogram>& prompt_encode_;
   prometheus::Gauge& resident_memory_;
   prometheus::Gauge& virtual_memory_;
 

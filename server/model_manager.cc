@@ -9,8 +9,11 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "handlers/demo_pipeline.h"
 #include "handlers/digest.h"
+#include "handlers/pipeline.h"
 #include "handlers/single_file.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
@@ -251,6 +254,31 @@ absl::StatusOr<LoadModelResult> ModelManager::LoadEmbedded(const std::string& na
   };
   absl::StatusOr<ModelInstance> built = build();
   return FinishLoad(name, std::move(built), SecondsSince(start));
+}
+
+absl::StatusOr<LoadModelResult> ModelManager::LoadDemo(const std::string& demo,
+                                                       const std::string& root,
+                                                       const std::string& name, bool replace) {
+  RETURN_IF_ERROR(ValidateInstanceName(name));
+  ASSIGN_OR_RETURN(const DemoPipelineRecipe* recipe, PipelineRegistry::Global().FindDemo(demo));
+  ASSIGN_OR_RETURN(DemoPipelineFiles files, WriteDemoPipeline(*recipe, root));
+  LoadModelRequest request;
+  request.name = name;
+  request.path = files.pipeline_dir;
+  request.replace = replace;
+  ASSIGN_OR_RETURN(LoadModelResult result, Load(request));
+  std::string note = absl::StrCat("demo pipeline ", recipe->name, " (", recipe->description,
+                                  "): files ", files.written ? "written to " : "reused from ",
+                                  files.dir, " in ", absl::StrFormat("%.3f", files.seconds), " s");
+  for (const auto& [component, path] : files.single_files) {
+    absl::StrAppend(&note, "\n  single file of ", component, ": ", path);
+  }
+  if (!files.example_inputs.empty()) {
+    absl::StrAppend(&note, "\n  example request tensors: ", files.example_inputs);
+  }
+  result.report = absl::StrCat(note, "\n", result.report);
+  result.seconds += files.seconds;
+  return result;
 }
 
 absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& request) {

@@ -127,6 +127,14 @@ class ModelManager {
   absl::StatusOr<LoadModelResult> LoadEmbedded(const std::string& name = kDefaultInstanceName,
                                                bool replace = false);
 
+  // Writes the registered demo pipeline `demo` (handlers/demo_pipeline.h; e.g. "flux-tiny") under
+  // `root` on first use (reusing a verified copy afterwards) and loads its diffusers folder through
+  // Load as `name`; the report says where the files are and whether they were written. NOT_FOUND
+  // for an unknown demo (listing the registered ones); WriteDemoPipeline's errors (e.g.
+  // PERMISSION_DENIED for an unwritable root); otherwise as Load.
+  absl::StatusOr<LoadModelResult> LoadDemo(const std::string& demo, const std::string& root,
+                                           const std::string& name, bool replace = false);
+
   // Loads `request.path` as `request.name`. INVALID_ARGUMENT for a bad name, dtype or device, a
   // config override given for a folder, or a checkpoint that does not load (see single_file.h,
   // LoadModelFromFolder, LoadPipelineFromFolder); NOT_FOUND for a missing path or an unregistered

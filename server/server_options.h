@@ -51,6 +51,13 @@ struct ServerOptions {
   int64_t max_connection_age_ms = 300000;
   int64_t max_connection_age_grace_ms = 60000;
 
+  // The shared adapter store (see adapter_store.h): a folder every replica mounts (a
+  // ReadWriteMany volume). Empty = none: adapters live only in the replica that loaded them.
+  std::string adapter_store;
+  // How often each replica re-reads the store (a replaced or removed adapter reaches every
+  // replica within about this long), milliseconds; >= 10.
+  int64_t adapter_store_poll_ms = 1000;
+
   // Tensor bytes of LoRA adapters each model instance may hold (LRU eviction beyond it).
   int64_t adapter_memory_budget_bytes = int64_t{4} << 30;
 
@@ -59,9 +66,16 @@ struct ServerOptions {
   std::string tls_cert;
   std::string tls_key;
 
-  // Optional JSON file of models and adapters to load at start (see preload.h). Empty: the
-  // embedded default model "default" is served.
+  // Optional JSON file of models and adapters to load at start (see preload.h). Empty (or a
+  // config listing no models): the embedded models below are served.
   std::string config_file;
+  // The embedded models served without configured ones, comma-separated: "default" (a bare tiny
+  // FluxTransformer2DModel built in memory) and registered demo pipelines (e.g. "flux-tiny",
+  // written to files under embedded_dir on first run and loaded from them). Empty: none.
+  std::string embedded_models = "default,flux-tiny";
+  // Where demo pipelines' files are written. Empty: $XDG_CACHE_HOME/diffusion-server, else
+  // $HOME/.cache/diffusion-server, else <temp>/diffusion-server-<uid>.
+  std::string embedded_dir;
 
   // Generate limits (GetMetadata reports them as GenerateLimits).
   int64_t max_steps = 1000;

@@ -99,6 +99,16 @@ void FillLoRAReport(const LoraReport& report, pb::LoRAReport* out) {
   out->set_text(report.ToString());
 }
 
+void FillStoredAdapter(const AdapterDescriptor& d, pb::StoredAdapter* out) {
+  out->set_name(d.name);
+  out->set_sha256(d.sha256);
+  out->set_format(d.format);
+  out->set_file_bytes(d.file_bytes);
+  out->set_pinned(d.pin);
+  out->set_published_by(d.published_by);
+  out->set_published_unix_ms(d.published_unix_ms);
+}
+
 void FillFeatureRow(const FeatureRow& row, pb::FeatureRow* out) {
   out->set_attribute(row.attribute);
   std::visit(
@@ -305,14 +315,25 @@ class DiffusionService::GenerateReactor final
 // ------------------------------------------------------------------------------------------------
 
 DiffusionService::DiffusionService(ServerOptions options, std::shared_ptr<ModelManager> models,
-                                   AdminAuth auth, std::shared_ptr<Metrics> metrics)
+                                   AdminAuth auth, std::shared_ptr<Metrics> metrics,
+                                   std::shared_ptr<AdapterSync> adapter_sync)
     : options_(std::move(options)),
       models_(std::move(models)),
       auth_(std::move(auth)),
-      metrics_(std::move(metrics)) {
+      metrics_(std::move(metrics)),
+      adapter_sync_(std::move(adapter_sync)) {
   // Management calls read files; a few at a time, never on gRPC's callback threads.
   management_ = std::make_unique<Scheduler>(
       SchedulerOptions{.name = "management", .workers = 2, .queue_capacity = 64}, nullptr);
+  if (adapter_sync_ != nullptr) {
+    // Requests waiting for one adapter share its single load, so a few workers suffice; the
+    // queue admits what the device queues could take.
+    store_loader_ = std::make_unique<Scheduler>(
+        SchedulerOptions{.name = "adapter-store",
+                         .workers = 4,
+                         .queue_capacity = std::max(64, 4 * options_.queue_capacity_per_device)},
+        nullptr);
+  }
 }
 
 DiffusionService::~DiffusionService() { ShutdownSchedulers(absl::InfinitePast()); }
@@ -320,6 +341,8 @@ DiffusionService::~DiffusionService() { ShutdownSchedulers(absl::InfinitePast())
 void DiffusionService::BeginDrain() { draining_.store(true); }
 
 void DiffusionService::ShutdownSchedulers(absl::Time deadline) {
+  // Store loads first: what they let through still reaches the device queues while those drain.
+  if (store_loader_ != nullptr) store_loader_->Shutdown(deadline);
   std::vector<Scheduler*> all;
   {
     std::lock_guard lock(schedulers_mu_);
@@ -383,6 +406,11 @@ void DiffusionService::FillInstance(const InstanceStatus& status, pb::ModelInsta
   for (const AdapterInfo& a : inst->host->List()) FillLoRAInfo(a, out->add_adapters());
   out->set_source(inst->source);
   out->set_sha256(inst->sha256);
+  if (adapter_sync_ != nullptr) {
+    for (const AdapterDescriptor& d : adapter_sync_->Stored(inst->name)) {
+      FillStoredAdapter(d, out->add_stored_adapters());
+    }
+  }
   if (inst->pipeline != nullptr) {
     out->set_pipeline_class(inst->pipeline->class_name());
     const PipelineDescription d = inst->pipeline->describe();
@@ -485,6 +513,8 @@ absl::Status DiffusionService::DoGetMetadata(const pb::GetMetadataRequest& reque
     out->set_pooled_prompt_embeds_dim(l.pooled_prompt_embeds_dim);
     out->set_latent_channels(l.latent_channels);
     out->set_guidance_embeds(l.guidance_embeds);
+    out->set_accepts_text_prompt(l.accepts_text_prompt);
+    out->set_max_sequence_length(l.accepts_text_prompt ? l.max_sequence_length_limit : 0);
   }
   return absl::OkStatus();
 }
@@ -512,6 +542,11 @@ grpc::ServerUnaryReactor* DiffusionService::ListLoRAs(grpc::CallbackServerContex
     for (const AdapterInfo& a : inst->host->List()) FillLoRAInfo(a, response->add_adapters());
     response->set_memory_used_bytes(inst->host->memory_used_bytes());
     response->set_memory_budget_bytes(inst->host->options().memory_budget_bytes);
+    if (adapter_sync_ != nullptr) {
+      for (const AdapterDescriptor& d : adapter_sync_->Stored(model)) {
+        FillStoredAdapter(d, response->add_stored());
+      }
+    }
     return absl::OkStatus();
   };
   const absl::Status status = run();
@@ -652,12 +687,42 @@ absl::Status DiffusionService::DoLoadLoRA(const pb::LoadLoRARequest& request,
   auto hide_path = [&](absl::string_view text) {
     return absl::StrReplaceAll(text, {{path, shown}});
   };
+  // With a shared store the local load and the store's entry change together: the entry's lock
+  // keeps the poller and on-demand loads of this adapter out meanwhile.
+  std::unique_lock<std::mutex> entry;
+  if (adapter_sync_ != nullptr) {
+    entry = adapter_sync_->Lock(model, request.name());
+    if (!request.replace()) {
+      absl::StatusOr<AdapterDescriptor> stored = adapter_sync_->store().Read(model, request.name());
+      if (stored.ok()) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("adapter '", request.name(), "' is already in the adapter store (sha256 ",
+                         stored->sha256, "); unload it first or load with replace"));
+      }
+      if (!absl::IsNotFound(stored.status())) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("adapter '", request.name(), "' has an entry in the adapter store (",
+                         stored.status().message(), "); load with replace to overwrite it"));
+      }
+    }
+  }
   const auto start = SteadyClock::now();
   absl::StatusOr<AdapterLoadResult> loaded = inst->host->Load(request.name(), path, options);
   if (metrics_ != nullptr) metrics_->ObserveAdapterLoad(model, SecondsSince(start));
   if (!loaded.ok())
     return absl::Status(loaded.status().code(), hide_path(loaded.status().message()));
   ASSIGN_OR_RETURN(AdapterInfo info, inst->host->Info(request.name()));
+  if (adapter_sync_ != nullptr) {
+    absl::StatusOr<AdapterDescriptor> published = adapter_sync_->Published(
+        *inst, info, path, request.allow_partial(), request.pin(), request.replace());
+    if (!published.ok()) {
+      // The store keeps its previous entry (if any), and this replica follows the store.
+      (void)inst->host->Unload(request.name());
+      UpdateAdapterMetrics(model, *inst);
+      return absl::Status(published.status().code(),
+                          hide_path(absl::StrCat("adapter store: ", published.status().message())));
+    }
+  }
   FillLoRAInfo(info, response->mutable_adapter());
   FillLoRAReport(loaded->report, response->mutable_report());
   response->mutable_report()->set_text(hide_path(response->report().text()));
@@ -687,9 +752,25 @@ grpc::ServerUnaryReactor* DiffusionService::UnloadLoRA(grpc::CallbackServerConte
     if (request->name().empty()) return absl::InvalidArgumentError("name: required");
     ASSIGN_OR_RETURN(InstancePtr inst, models_->Get(model));
     log->mark_model_known();
-    RETURN_IF_ERROR(inst->host->Unload(request->name()));
+    if (adapter_sync_ == nullptr) {
+      RETURN_IF_ERROR(inst->host->Unload(request->name()));
+      UpdateAdapterMetrics(model, *inst);
+      return absl::OkStatus();
+    }
+    std::unique_lock<std::mutex> entry = adapter_sync_->Lock(model, request->name());
+    const absl::Status local = inst->host->Unload(request->name());
+    if (!local.ok() && !absl::IsNotFound(local)) return local;  // e.g. fused: nothing changed
     UpdateAdapterMetrics(model, *inst);
-    return absl::OkStatus();
+    const absl::Status stored = adapter_sync_->Removed(model, request->name());
+    if (absl::IsNotFound(stored)) {
+      if (absl::IsNotFound(local)) {
+        return absl::NotFoundError(absl::StrCat("adapter '", request->name(),
+                                                "' is neither loaded on '", model,
+                                                "' nor in the adapter store"));
+      }
+      return absl::OkStatus();
+    }
+    return stored;
   });
 }
 
@@ -697,7 +778,7 @@ grpc::ServerUnaryReactor* DiffusionService::UnloadLoRA(grpc::CallbackServerConte
 // Generate.
 
 absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService::PrepareGenerate(
-    const pb::GenerateRequest& request, CallLog* log) {
+    const pb::GenerateRequest& request, CallLog* log, int store_loaded) {
   auto job = std::make_shared<GenerateJob>();
   job->arrived = SteadyClock::now();
   ASSIGN_OR_RETURN(job->model_name, ResolveModelName(request.model(), "model"));
@@ -741,7 +822,9 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
     absl::StatusOr<AdapterStackPtr> stack = job->instance->host->Snapshot(adapters);
     if (metrics_ != nullptr && !adapters.empty()) {
       if (stack.ok()) {
-        for (size_t i = 0; i < adapters.size(); ++i) metrics_->AdapterLookup(job->model_name, true);
+        for (size_t i = static_cast<size_t>(store_loaded); i < adapters.size(); ++i) {
+          metrics_->AdapterLookup(job->model_name, true);
+        }
       } else if (absl::IsNotFound(stack.status())) {
         metrics_->AdapterLookup(job->model_name, false);
       }
@@ -766,6 +849,11 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
       pipeline_field = "negative_pooled_prompt_embeds";
     }
     if (request.has_noise()) pipeline_field = "noise";
+    if (request.prompt_size() > 0) pipeline_field = "prompt";
+    if (request.prompt_2_size() > 0) pipeline_field = "prompt_2";
+    if (request.negative_prompt_size() > 0) pipeline_field = "negative_prompt";
+    if (request.negative_prompt_2_size() > 0) pipeline_field = "negative_prompt_2";
+    if (request.max_sequence_length() != 0) pipeline_field = "max_sequence_length";
     if (request.width() != 0) pipeline_field = "width";
     if (request.height() != 0) pipeline_field = "height";
     if (request.num_images() != 0) pipeline_field = "num_images";
@@ -890,8 +978,8 @@ absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest
   const PipelineLimits limits = pipeline.limits();
   const std::string what =
       absl::StrCat("'", job->model_name, "' is a ", pipeline.class_name(),
-                   " instance (give prompt_embeds, pooled_prompt_embeds, width, height; `noise` "
-                   "for explicit initial noise)");
+                   " instance (give prompt or prompt_embeds + pooled_prompt_embeds, width, "
+                   "height; `noise` for explicit initial noise)");
   if (!request.inputs().empty()) {
     return absl::InvalidArgumentError(absl::StrCat("inputs: not used: ", what));
   }
@@ -899,12 +987,31 @@ absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest
     return absl::InvalidArgumentError(absl::StrCat(
         request.has_latents() ? "latents" : "latent_shape", ": not used: ", what));
   }
-  if (!request.has_prompt_embeds()) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt_embeds: required: ", what));
-  }
   PipelineRequest& r = job->pipeline_request;
-  ASSIGN_OR_RETURN(r.prompt_embeds, TensorFromProto(request.prompt_embeds(), "prompt_embeds"));
-  if (r.prompt_embeds.dim() >= 2 && r.prompt_embeds.size(-2) > options_.max_text_tokens) {
+  // Text prompts (the pipeline validates them against its encoders: FAILED_PRECONDITION without
+  // text encoders, INVALID_ARGUMENT for prompt + prompt_embeds, counts, lengths).
+  r.prompt.assign(request.prompt().begin(), request.prompt().end());
+  r.prompt_2.assign(request.prompt_2().begin(), request.prompt_2().end());
+  r.negative_prompt.assign(request.negative_prompt().begin(), request.negative_prompt().end());
+  r.negative_prompt_2.assign(request.negative_prompt_2().begin(),
+                             request.negative_prompt_2().end());
+  if (request.max_sequence_length() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_sequence_length: must be >= 0 (0 = 512), got ", request.max_sequence_length()));
+  }
+  if (request.max_sequence_length() != 0) {
+    r.max_sequence_length = request.max_sequence_length();
+  }
+  if (!request.has_prompt_embeds() && r.prompt.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt_embeds: required", limits.accepts_text_prompt ? " (or prompt)" : "",
+                     ": ", what));
+  }
+  if (request.has_prompt_embeds()) {
+    ASSIGN_OR_RETURN(r.prompt_embeds, TensorFromProto(request.prompt_embeds(), "prompt_embeds"));
+  }
+  if (r.prompt_embeds.defined() && r.prompt_embeds.dim() >= 2 &&
+      r.prompt_embeds.size(-2) > options_.max_text_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("prompt_embeds: ", r.prompt_embeds.size(-2),
                                                    " text tokens exceed max_text_tokens ",
                                                    options_.max_text_tokens));
@@ -912,7 +1019,7 @@ absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest
   if (request.has_pooled_prompt_embeds()) {
     ASSIGN_OR_RETURN(r.pooled_prompt_embeds,
                      TensorFromProto(request.pooled_prompt_embeds(), "pooled_prompt_embeds"));
-  } else if (limits.needs_pooled_prompt_embeds) {
+  } else if (limits.needs_pooled_prompt_embeds && r.prompt.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("pooled_prompt_embeds: required: ", what));
   }
   if (request.has_negative_prompt_embeds()) {
@@ -1058,6 +1165,20 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
       result->set_width(job.width);
       result->set_height(job.height);
       result->set_decode_seconds(out.decode_seconds);
+      result->set_encode_seconds(out.encode_seconds);
+      if (metrics_ != nullptr) {
+        metrics_->ObservePromptEncoding(job.model_name, out.prompt_cache_hits,
+                                        out.prompt_cache_misses, out.encode_seconds);
+      }
+      for (const PipelineResult::PromptTruncation& t : out.truncated_prompts) {
+        pb::TruncatedPrompt* p = result->add_truncated_prompts();
+        p->set_field(t.field);
+        p->set_index(t.index);
+        p->set_tokenizer(t.component);
+        p->set_tokens(t.tokens);
+        p->set_max_length(t.max_length);
+      }
+      for (const std::string& w : out.warnings) result->add_warnings(w);
       for (int64_t d : out.latents.sizes()) result->add_latent_shape(d);
     } else {
       torch::Tensor latents = job.latents;
@@ -1106,16 +1227,59 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* DiffusionService::Generate(
     reactor->Complete(Draining());
     return reactor;
   }
-  absl::StatusOr<std::shared_ptr<GenerateJob>> job = PrepareGenerate(*request, reactor->log());
+  if (adapter_sync_ != nullptr && request->adapters_size() > 0) {
+    // Adapters this replica does not hold come from the shared store first (file I/O: on the
+    // loader scheduler, never here). Errors resolving the model are left to PrepareGenerate.
+    absl::StatusOr<std::string> model = ResolveModelName(request->model(), "model");
+    absl::StatusOr<InstancePtr> instance =
+        model.ok() ? models_->Get(*model) : absl::StatusOr<InstancePtr>(model.status());
+    if (instance.ok()) {
+      std::vector<std::string> names;
+      for (const pb::AdapterWeight& a : request->adapters()) names.push_back(a.name());
+      std::vector<std::string> missing = AdapterSync::Missing(**instance, names);
+      if (!missing.empty()) {
+        const InstancePtr inst = *instance;
+        const absl::Status submitted = store_loader_->Submit(
+            [this, ctx, request, reactor, inst, missing, names] {
+              if (metrics_ != nullptr) {
+                for (size_t i = 0; i < missing.size(); ++i) {
+                  metrics_->AdapterLookup(inst->name, false);
+                }
+              }
+              const absl::Status loaded = adapter_sync_->EnsureLoaded(inst, missing);
+              if (!loaded.ok()) {
+                reactor->log()->set_model(inst->name);
+                reactor->log()->mark_model_known();
+                reactor->log()->set_adapters(names);
+                reactor->Complete(Annotate(loaded, "adapters"));
+                return;
+              }
+              StartGenerate(ctx, request, reactor, static_cast<int>(missing.size()));
+            },
+            [reactor](const absl::Status& why) { reactor->Complete(why); });
+        if (!submitted.ok()) reactor->Complete(submitted);
+        return reactor;
+      }
+    }
+  }
+  StartGenerate(ctx, request, reactor, /*store_loaded=*/0);
+  return reactor;
+}
+
+void DiffusionService::StartGenerate(grpc::CallbackServerContext* ctx,
+                                     const pb::GenerateRequest* request, GenerateReactor* reactor,
+                                     int store_loaded) {
+  absl::StatusOr<std::shared_ptr<GenerateJob>> job =
+      PrepareGenerate(*request, reactor->log(), store_loaded);
   if (!job.ok()) {
     reactor->Complete(job.status());
-    return reactor;
+    return;
   }
   (*job)->deadline = ctx->deadline();
   absl::StatusOr<Scheduler*> scheduler = SchedulerFor((*job)->instance->device);
   if (!scheduler.ok()) {
     reactor->Complete(scheduler.status());
-    return reactor;
+    return;
   }
   std::shared_ptr<GenerateJob> shared = *std::move(job);
   Scheduler* s = *scheduler;
@@ -1123,7 +1287,6 @@ grpc::ServerWriteReactor<pb::GenerateResponse>* DiffusionService::Generate(
       s->Submit([this, shared, reactor, s] { RunGenerate(*shared, reactor, *s); },
                 [reactor](const absl::Status& why) { reactor->Complete(why); });
   if (!submitted.ok()) reactor->Complete(submitted);
-  return reactor;
 }
 
 }  // namespace ds::server

@@ -13,6 +13,12 @@
 // roots (ConfinePath); inline LoRA bytes are capped and written to a private temporary file
 // (mode 0600) that is removed after loading.
 //
+// Adapter store (optional AdapterSync, see adapter_store.h): LoadLoRA / UnloadLoRA also change the
+// shared store before they answer (under the entry's lock, so the poller and on-demand loads of
+// the same adapter wait); a Generate naming adapters its instance does not hold first loads them
+// from the store on a small loader scheduler (never on the callback thread; single flight), then
+// proceeds as usual; ListLoRAs / GetMetadata / ListModels also list the store's adapters.
+//
 // Every RPC is counted in Metrics (model, rpc, status code, duration) and logged with LogRpc.
 // absl::Status is turned into grpc::Status only through ToGrpcStatus.
 //
@@ -33,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "diffusion/v1/diffusion.grpc.pb.h"
+#include "server/adapter_store.h"
 #include "server/auth.h"
 #include "server/model_manager.h"
 #include "server/scheduler.h"
@@ -44,9 +51,10 @@ class Metrics;
 
 class DiffusionService final : public diffusion::v1::DiffusionService::CallbackService {
  public:
-  // `metrics` may be null (nothing is recorded).
+  // `metrics` and `adapter_sync` (no shared adapter store) may be null.
   DiffusionService(ServerOptions options, std::shared_ptr<ModelManager> models, AdminAuth auth,
-                   std::shared_ptr<Metrics> metrics);
+                   std::shared_ptr<Metrics> metrics,
+                   std::shared_ptr<AdapterSync> adapter_sync = nullptr);
   ~DiffusionService() override;
 
   grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* ctx,
@@ -97,8 +105,15 @@ class DiffusionService final : public diffusion::v1::DiffusionService::CallbackS
                                 diffusion::v1::LoadSingleFileResponse* response);
   absl::Status DoLoadLoRA(const diffusion::v1::LoadLoRARequest& request,
                           diffusion::v1::LoadLoRAResponse* response, CallLog* log);
+  // `store_loaded`: adapters of the request just loaded from the adapter store (counted as cache
+  // misses, not hits).
   absl::StatusOr<std::shared_ptr<GenerateJob>> PrepareGenerate(
-      const diffusion::v1::GenerateRequest& request, CallLog* log);
+      const diffusion::v1::GenerateRequest& request, CallLog* log, int store_loaded = 0);
+  // Generate after any adapter-store loads: prepares the job and queues it (or completes the
+  // reactor with the error).
+  void StartGenerate(grpc::CallbackServerContext* ctx,
+                     const diffusion::v1::GenerateRequest* request, GenerateReactor* reactor,
+                     int store_loaded);
   // The pipeline-instance part of PrepareGenerate: validates the image fields and fills
   // job->pipeline_request (INVALID_ARGUMENT naming the field; FAILED_PRECONDITION for PNG output
   // without a VAE). Size and embedding shapes are checked by the pipeline when the job runs.
@@ -121,9 +136,12 @@ class DiffusionService final : public diffusion::v1::DiffusionService::CallbackS
   const std::shared_ptr<ModelManager> models_;
   const AdminAuth auth_;
   const std::shared_ptr<Metrics> metrics_;
+  const std::shared_ptr<AdapterSync> adapter_sync_;
   std::atomic<bool> draining_{false};
 
   std::unique_ptr<Scheduler> management_;
+  // Loads of adapters from the store for Generate (with an adapter store only).
+  std::unique_ptr<Scheduler> store_loader_;
   mutable std::mutex schedulers_mu_;
   // device -> its generation scheduler, created on first use.
   std::map<std::string, std::unique_ptr<Scheduler>> schedulers_ ABSL_GUARDED_BY(schedulers_mu_);

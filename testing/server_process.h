@@ -29,13 +29,15 @@ namespace ds::test {
 class ServerProcess {
  public:
   // Starts DS_SERVER_PATH with `args` (plus --port=0 --metrics_port=0 --host=127.0.0.1
-  // --threads=1; later flags in `args` win) and waits up to 60 s for its "listening on" line.
+  // --threads=1 --embedded_models=default (the bare transformer only) --embedded_dir=<a temporary
+  // folder>; later flags in `args` win) and waits up to 60 s for its "listening on" line.
   // ok() is false if it never came (the process is still killed on destruction); the server's
   // stderr is kept in a temporary file (Stderr()).
   explicit ServerProcess(std::vector<std::string> args) {
     err_path_ = tmp_.File("stderr.txt");
     args.insert(args.begin(), {DS_SERVER_PATH, "--port=0", "--metrics_port=0", "--host=127.0.0.1",
-                               "--threads=1"});
+                               "--threads=1", "--embedded_models=default",
+                               "--embedded_dir=" + tmp_.File("embedded")});
     // Everything the child needs is prepared before fork(): between fork and exec only
     // async-signal-safe calls (the test process has gRPC threads).
     std::vector<char*> argv;

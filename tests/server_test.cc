@@ -863,6 +863,95 @@ TEST_F(ServerTest, ManagementWithoutTokenConfigIsRefusedAndSigtermDrains) {
 // ------------------------------------------------------------------------------------------------
 // Pipeline instances: a diffusers pipeline folder (model_index.json) served as images.
 
+// The server's embedded models without any flag: "flux-tiny" (a demo pipeline written to files on
+// first run and loaded from them) next to the bare "default" transformer; Generate end to end.
+TEST_F(ServerTest, EmbeddedFluxTinyServesPngsEndToEnd) {
+  const std::string embedded = tmp_.File("embedded-cache");
+  StartServer({"--embedded_models=default,flux-tiny", "--embedded_dir=" + embedded});
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  std::map<std::string, pb::ModelInstance> models;
+  for (const pb::ModelInstance& m : list.models()) models[m.name()] = m;
+  ASSERT_EQ(models.count("default"), 1u);
+  ASSERT_EQ(models.count("flux-tiny"), 1u);
+  const pb::ModelInstance& tiny = models["flux-tiny"];
+  EXPECT_EQ(tiny.pipeline_class(), "FluxPipeline");
+  EXPECT_EQ(tiny.state(), pb::READY);
+  EXPECT_EQ(tiny.source(), embedded + "/flux-tiny/pipeline");
+  EXPECT_EQ(tiny.sha256().size(), 64u);
+  EXPECT_TRUE(fs::exists(embedded + "/flux-tiny/single_file/flux-tiny.safetensors"));
+  EXPECT_TRUE(fs::exists(embedded + "/flux-tiny/single_file/ae.safetensors"));
+
+  pb::GetMetadataRequest md_req;
+  md_req.set_name("flux-tiny");
+  pb::GetMetadataResponse md;
+  ASSERT_TRUE(stub_->GetMetadata(Context().get(), md_req, &md).ok());
+  const int64_t multiple = md.limits().image_size_multiple();
+  ASSERT_GT(multiple, 0);
+  torch::manual_seed(5);
+  auto request = [&](int64_t seed) {
+    pb::GenerateRequest r;
+    r.set_model("flux-tiny");
+    *r.mutable_prompt_embeds() = ToProto(torch::randn({4, md.limits().prompt_embeds_dim()}));
+    *r.mutable_pooled_prompt_embeds() = ToProto(torch::randn({md.limits().pooled_prompt_embeds_dim()}));
+    r.set_width(3 * multiple);
+    r.set_height(2 * multiple);
+    r.set_steps(2);
+    r.set_seed(seed);
+    return r;
+  };
+  const pb::GenerateRequest base_request = request(77);
+  const Outcome a = Generate(*stub_, base_request);
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  ASSERT_EQ(a.result->images_size(), 1);
+  auto rgb = DecodePng(a.result->images(0));
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  EXPECT_THAT(rgb->sizes().vec(), ::testing::ElementsAre(2 * multiple, 3 * multiple, 3));
+  const Outcome same = Generate(*stub_, base_request);
+  ASSERT_TRUE(same.status.ok());
+  EXPECT_EQ(same.result->images(0), a.result->images(0));
+  pb::GenerateRequest reseeded = base_request;
+  reseeded.set_seed(78);
+  const Outcome other = Generate(*stub_, reseeded);
+  ASSERT_TRUE(other.status.ok());
+  EXPECT_NE(other.result->images(0), a.result->images(0));
+
+  // An adapter for the demo's transformer (built from the files the server wrote): weight 0 gives
+  // the base image bit for bit, weight 1 changes it.
+  auto transformer = LoadModelFromFolder(embedded + "/flux-tiny/pipeline/transformer", {});
+  ASSERT_TRUE(transformer.ok()) << transformer.status();
+  const TensorMap params = NamedTensors((*transformer)->module());
+  ASSERT_TRUE(WriteSafetensors(adapters_ + "/tiny-lora.safetensors",
+                               test::MakeDiffusersLora(params, test::LinearModules(params), 2, 4))
+                  .ok());
+  pb::LoadLoRARequest load;
+  load.set_model("flux-tiny");
+  load.set_name("tiny");
+  load.set_path("tiny-lora.safetensors");
+  pb::LoadLoRAResponse loaded;
+  grpc::Status s = stub_->LoadLoRA(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  pb::GenerateRequest zero = base_request;
+  pb::AdapterWeight* w = zero.add_adapters();
+  w->set_name("tiny");
+  w->set_weight(0.0);
+  const Outcome z = Generate(*stub_, zero);
+  ASSERT_TRUE(z.status.ok()) << z.status.error_message();
+  EXPECT_EQ(z.result->images(0), a.result->images(0));
+  pb::GenerateRequest one = base_request;
+  one.add_adapters()->set_name("tiny");
+  const Outcome o = Generate(*stub_, one);
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  EXPECT_NE(o.result->images(0), a.result->images(0));
+
+  // A size that is not a multiple: INVALID_ARGUMENT naming the nearest valid sizes.
+  pb::GenerateRequest odd = base_request;
+  odd.set_width(3 * multiple + 1);
+  const Outcome bad = Generate(*stub_, odd);
+  EXPECT_EQ(bad.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.status.error_message(), HasSubstr(std::to_string(3 * multiple)));
+}
+
 class ServerPipelineTest : public ServerTest {
  protected:
   static fs::path GoldenPipelines() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline"; }
@@ -1050,6 +1139,91 @@ TEST_F(ServerPipelineTest, BadRequestsGetPreciseErrors) {
   o = Generate(*stub_, bad_noise);
   EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(o.status.error_message(), HasSubstr("latents"));
+}
+
+// A pipeline folder with text encoders: text prompts over gRPC reproduce diffusers' images
+// (golden flux_pipeline_text), long prompts are reported truncated, prompts are cached (metrics),
+// and prompts on a pipeline without text encoders are refused.
+TEST_F(ServerPipelineTest, TextPromptsReproduceTheGoldenImages) {
+  StartServer();
+  const fs::path text_dir = fs::path(GoldenDir()) / "pipeline" / "flux_pipeline_text";
+  fs::copy(text_dir / "flux_tiny", fs::path(models_) / "flux-tiny-text",
+           fs::copy_options::recursive);
+  pb::LoadSingleFileRequest load;
+  load.set_name("text");
+  load.set_path("flux-tiny-text");
+  pb::LoadSingleFileResponse loaded;
+  grpc::Status s = stub_->LoadSingleFile(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  pb::GetMetadataRequest md_req;
+  md_req.set_name("text");
+  pb::GetMetadataResponse md;
+  ASSERT_TRUE(stub_->GetMetadata(Context().get(), md_req, &md).ok());
+  EXPECT_TRUE(md.limits().accepts_text_prompt());
+  EXPECT_EQ(md.limits().max_sequence_length(), 512);
+
+  std::ifstream cases_file(text_dir / "cases.json");
+  const nlohmann::json cases = nlohmann::json::parse(cases_file)["cases"];
+  for (const std::string name : {"cat", "prompt2", "long"}) {
+    SCOPED_TRACE(name);
+    const nlohmann::json& kwargs = cases[name]["call_kwargs"];
+    ASSERT_TRUE(kwargs.is_object()) << kwargs;
+    auto golden = LoadSafetensorsWeights((text_dir / cases[name]["file"].get<std::string>()).string());
+    ASSERT_TRUE(golden.ok()) << golden.status();
+    pb::GenerateRequest r;
+    r.set_model("text");
+    r.add_prompt(kwargs["prompt"].get<std::string>());
+    if (kwargs.contains("prompt_2")) r.add_prompt_2(kwargs["prompt_2"].get<std::string>());
+    r.set_max_sequence_length(32);
+    r.set_width(48);
+    r.set_height(32);
+    r.set_steps(2);
+    r.set_guidance(3.5);
+    *r.mutable_noise() = ToProto(golden->at("inputs/latents_unpacked"));
+    const Outcome o = Generate(*stub_, r);
+    ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+    ASSERT_EQ(o.result->images_size(), 1);
+    auto rgb = DecodePng(o.result->images(0));
+    ASSERT_TRUE(rgb.ok()) << rgb.status();
+    torch::Tensor expected = golden->at("final/image_uint8")[0];
+    if (expected.size(0) == 3) expected = expected.permute({1, 2, 0});
+    const torch::Tensor diff = (rgb->to(torch::kInt) - expected.to(torch::kInt)).abs();
+    EXPECT_LE(diff.max().item<int>(), 1);
+    EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000 + 1);
+    EXPECT_EQ(o.result->truncated_prompts_size() > 0, name == "long");
+    if (name == "long") {
+      EXPECT_GT(o.result->truncated_prompts(0).tokens(), o.result->truncated_prompts(0).max_length());
+    }
+    // The same request again: bit-identical (the encoded prompt comes from the cache).
+    const Outcome again = Generate(*stub_, r);
+    ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+    EXPECT_EQ(again.result->images(0), o.result->images(0));
+  }
+  const std::string metrics = HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("diffusion_prompt_cache_hits_total{model=\"text\"}"));
+  EXPECT_THAT(metrics, HasSubstr("diffusion_prompt_cache_misses_total{model=\"text\"}"));
+
+  // Prompt and embeddings together; a prompt for a pipeline without text encoders; a bare model.
+  pb::GenerateRequest both;
+  both.set_model("text");
+  both.add_prompt("a cat");
+  *both.mutable_prompt_embeds() = ToProto(torch::randn({4, md.limits().prompt_embeds_dim()}));
+  *both.mutable_pooled_prompt_embeds() =
+      ToProto(torch::randn({md.limits().pooled_prompt_embeds_dim()}));
+  EXPECT_EQ(Generate(*stub_, both).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  LoadPipeline("pipe");  // the golden dev folder: no text encoders
+  pb::GenerateRequest no_encoders = ImageRequest(1);
+  no_encoders.clear_prompt_embeds();
+  no_encoders.clear_pooled_prompt_embeds();
+  no_encoders.add_prompt("a cat");
+  EXPECT_EQ(Generate(*stub_, no_encoders).status.error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  pb::GenerateRequest bare;
+  bare.set_model("default");
+  bare.add_prompt("a cat");
+  const Outcome b = Generate(*stub_, bare);
+  EXPECT_EQ(b.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(b.status.error_message(), HasSubstr("prompt"));
 }
 
 TEST_F(ServerPipelineTest, AdaptersApplyPerRequestToTheTransformer) {
