@@ -10,9 +10,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -20,9 +22,11 @@
 #include "absl/strings/str_replace.h"
 #include "handlers/lora_format.h"
 #include "handlers/registry.h"
+#include "handlers/image.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
 #include "testing/lora_golden.h"
+#include "testing/pipeline_golden.h"
 #include "testing/test_util.h"
 
 namespace ds {
@@ -541,6 +545,209 @@ TEST(CliTest, LoraErrorsAndPartialLoading) {
   EXPECT_THAT(not_a_model.out, HasSubstr("NOT_FOUND"));
   EXPECT_EQ(RunCli("lora").exit_code, 2);
   EXPECT_EQ(RunCli("lora merge " + partial).exit_code, 2);
+}
+
+// --- tokenize ---
+
+// `text` as one single-quoted shell word.
+std::string ShellQuote(const std::string& text) {
+  return "'" + absl::StrReplaceAll(text, {{"'", "'\\''"}}) + "'";
+}
+
+// The id lines of a tokenize run (truncation notes on stderr come interleaved as "note: ...").
+std::vector<std::vector<int64_t>> IdLines(const std::string& out) {
+  std::vector<std::vector<int64_t>> lines;
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (absl::StartsWith(line, "note: ")) continue;
+    std::vector<int64_t> ids;
+    std::istringstream words(line);
+    for (int64_t id; words >> id;) ids.push_back(id);
+    lines.push_back(ids);
+  }
+  return lines;
+}
+
+std::vector<int64_t> Row(const torch::Tensor& t, int64_t row) {
+  torch::Tensor r = t[row].contiguous();
+  return std::vector<int64_t>(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + r.numel());
+}
+
+TEST(CliTest, TokenizePrintsTheGoldenIdsOfEveryString) {
+  const std::string dir = GoldenDir() + "/conditioning/tokenizers";
+  std::ifstream json_in(dir + "/tokens.json");
+  const nlohmann::json strings = nlohmann::json::parse(json_in)["strings"];
+  auto ids = SafetensorsFile::Open(dir + "/ids.safetensors");
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  std::string texts;
+  for (const auto& s : strings) texts += " " + ShellQuote(s["text"].get<std::string>());
+
+  struct Run {
+    std::string flags;
+    std::string golden;  // 2-D tensor: one row per string
+  };
+  for (const Run& run : {Run{"--tokenizer " + dir + "/clip_tokenizer", "clip_padded"},
+                         Run{"--tokenizer " + dir + "/t5_tokenizer", "t5_padded_512"},
+                         Run{"--tokenizer=" + dir + "/t5_tokenizer --max-sequence-length 32",
+                             "t5_padded_32"}}) {
+    SCOPED_TRACE(run.flags);
+    Result r = RunCli("tokenize " + run.flags + texts);
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    const auto lines = IdLines(r.out);
+    auto golden = (*ids)->Get(run.golden);
+    ASSERT_TRUE(golden.ok()) << golden.status();
+    ASSERT_EQ(static_cast<int64_t>(lines.size()), golden->size(0));
+    for (int64_t i = 0; i < golden->size(0); ++i) {
+      EXPECT_EQ(lines[i], Row(*golden, i)) << "string " << i;
+    }
+    EXPECT_THAT(r.out, HasSubstr("note: text 24 truncated"));  // the 1471-token prompt
+  }
+}
+
+TEST(CliTest, TokenizeWithThePipelineFolderMatchesThePipelineRun) {
+  const std::string root = GoldenDir() + "/pipeline/flux_pipeline_text";
+  auto run = SafetensorsFile::Open(root + "/cat.safetensors");
+  ASSERT_TRUE(run.ok()) << run.status();
+  const std::string prompt = ShellQuote("a photo of a cat");
+  Result clip = RunCli("tokenize --tokenizer " + root + "/flux_tiny/tokenizer " + prompt);
+  Result t5 = RunCli("tokenize --tokenizer " + root + "/flux_tiny/tokenizer_2 " +
+                     "--max_sequence_length 32 " + prompt);
+  ASSERT_EQ(clip.exit_code, 0) << clip.out;
+  ASSERT_EQ(t5.exit_code, 0) << t5.out;
+  EXPECT_EQ(IdLines(clip.out), std::vector<std::vector<int64_t>>{
+                                   Row(*(*run)->Get("text/clip_input_ids"), 0)});
+  EXPECT_EQ(IdLines(t5.out), std::vector<std::vector<int64_t>>{
+                                 Row(*(*run)->Get("text/t5_input_ids"), 0)});
+}
+
+TEST(CliTest, TokenizeErrors) {
+  const std::string dir = GoldenDir() + "/conditioning/tokenizers";
+  Result no_dir = RunCli("tokenize 'a cat'");
+  EXPECT_EQ(no_dir.exit_code, 1);
+  EXPECT_THAT(no_dir.out, HasSubstr("--tokenizer"));
+  Result no_text = RunCli("tokenize --tokenizer " + dir + "/clip_tokenizer");
+  EXPECT_EQ(no_text.exit_code, 1);
+  EXPECT_THAT(no_text.out, HasSubstr("TEXT"));
+  Result clip_length =
+      RunCli("tokenize --tokenizer " + dir + "/clip_tokenizer --max_sequence_length 32 'a cat'");
+  EXPECT_EQ(clip_length.exit_code, 1);
+  EXPECT_THAT(clip_length.out, HasSubstr("--max_sequence_length"));
+  Result missing = RunCli("tokenize --tokenizer " + dir + "/absent 'a cat'");
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_THAT(missing.out, HasSubstr("NOT_FOUND"));
+  EXPECT_THAT(missing.out, HasSubstr(dir + "/absent"));
+}
+
+// generate --pipeline: every golden pipeline case whose scheduler is its folder's own, through the
+// parity path (IN: noise + embeddings; OUT: latents + image), within the README's tolerance.
+TEST(CliTest, GeneratePipelineOfflineReproducesTheGoldenPipelines) {
+  TempDir tmp;
+  const fs::path dir = test::PipelineDir();
+  const nlohmann::json cases = test::ReadJson(dir / "cases.json")["cases"];
+  int checked = 0;
+  for (const std::string& name : test::CaseNames(dir)) {
+    const nlohmann::json& c = cases[name];
+    const fs::path folder = dir / c["pipeline_folder"].get<std::string>();
+    const nlohmann::json own = test::ReadJson(folder / "scheduler" / "scheduler_config.json");
+    const nlohmann::json used = test::ReadJson(dir / c["scheduler_config_file"].get<std::string>());
+    if (own["shift"] != used["shift"] || own["use_dynamic_shifting"] != used["use_dynamic_shifting"]) {
+      continue;  // run with another scheduler than the folder's: not what the folder generates
+    }
+    SCOPED_TRACE(name);
+    auto golden = LoadSafetensorsWeights((dir / c["file"].get<std::string>()).string());
+    ASSERT_TRUE(golden.ok()) << golden.status();
+    std::vector<std::pair<std::string, torch::Tensor>> in = {
+        {"noise", golden->at("inputs/latents_unpacked")},
+        {"inputs/prompt_embeds", golden->at("inputs/prompt_embeds")},  // prefixed spelling
+        {"pooled_prompt_embeds", golden->at("inputs/pooled_prompt_embeds")}};
+    for (const char* negative : {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}) {
+      const std::string key = std::string("inputs/") + negative;
+      if (golden->count(key) > 0) in.emplace_back(negative, golden->at(key));
+    }
+    const std::string in_path = tmp.File(name + "_in.safetensors");
+    ASSERT_TRUE(WriteSafetensors(in_path, in).ok());
+    std::string args = "generate --pipeline " + folder.string() + " --inputs " + in_path +
+                       " --width " + std::to_string(c["width"].get<int64_t>()) + " --height " +
+                       std::to_string(c["height"].get<int64_t>()) + " --steps " +
+                       std::to_string(c["num_inference_steps"].get<int64_t>()) + " --guidance " +
+                       std::to_string(c["guidance_scale"].get<double>()) + " --threads 1";
+    const nlohmann::json& extra = c["extra_call_kwargs"];
+    if (extra.contains("num_images_per_prompt")) {
+      args += " --num-images " + std::to_string(extra["num_images_per_prompt"].get<int64_t>());
+    }
+    if (extra.contains("true_cfg_scale")) {
+      args += " --true-cfg-scale " + std::to_string(extra["true_cfg_scale"].get<double>());
+    }
+    const std::string out_path = tmp.File(name + "_out.safetensors");
+    Result r = RunCli(args + " -o " + out_path);
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    auto out = LoadSafetensorsWeights(out_path);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_TRUE(test::WithinTolerance(out->at("latents"), golden->at("final/latents_unpacked")));
+    EXPECT_TRUE(test::WithinTolerance(out->at("image"), golden->at("final/image")));
+    ++checked;
+
+    if (name == "dev_dynamic_n2") {
+      // The same run as a PNG: the golden 8-bit image within one level.
+      const std::string png_path = tmp.File(name + ".png");
+      Result p = RunCli(args + " -o " + png_path);
+      ASSERT_EQ(p.exit_code, 0) << p.out;
+      std::ifstream f(png_path, std::ios::binary);
+      const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      auto rgb = DecodePng(bytes);
+      ASSERT_TRUE(rgb.ok()) << rgb.status();
+      torch::Tensor expected = golden->at("final/image_uint8")[0];
+      if (expected.size(0) == 3) expected = expected.permute({1, 2, 0});
+      EXPECT_LE((rgb->to(torch::kInt) - expected.to(torch::kInt)).abs().max().item<int>(), 1);
+    }
+  }
+  EXPECT_GE(checked, 3);
+}
+
+// write-demo writes the embedded flux-tiny pipeline; generate --pipeline runs it on its own example
+// inputs; bad invocations fail with exit code 1 and a reason.
+TEST(CliTest, WriteDemoThenGenerateOffline) {
+  TempDir tmp;
+  Result w = RunCli("write-demo -o " + tmp.path() + " --threads 1");
+  ASSERT_EQ(w.exit_code, 0) << w.out;
+  EXPECT_THAT(w.out, HasSubstr("single file (transformer)"));
+  const std::string pipeline = tmp.path() + "/flux-tiny/pipeline";
+  const std::string examples = tmp.path() + "/flux-tiny/example_inputs.safetensors";
+  Result again = RunCli("write-demo flux-tiny -o " + tmp.path() + " --threads 1");
+  ASSERT_EQ(again.exit_code, 0) << again.out;
+  EXPECT_THAT(again.out, HasSubstr("verified existing"));
+
+  const std::string png = tmp.File("tiny.png");
+  Result g = RunCli("generate --pipeline " + pipeline + " --inputs " + examples +
+                    " --width 64 --height 32 --steps 2 --seed 3 --num-images 2 -o " + png +
+                    " --threads 1");
+  ASSERT_EQ(g.exit_code, 0) << g.out;
+  for (const std::string& path : {png, tmp.File("tiny_1.png")}) {
+    std::ifstream f(path, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    auto rgb = DecodePng(bytes);
+    ASSERT_TRUE(rgb.ok()) << path << ": " << rgb.status();
+    EXPECT_THAT(rgb->sizes().vec(), ::testing::ElementsAre(32, 64, 3));
+  }
+
+  Result odd = RunCli("generate --pipeline " + pipeline + " --inputs " + examples +
+                      " --width 65 --height 32 --steps 2 -o " + png + " --threads 1");
+  EXPECT_EQ(odd.exit_code, 1);
+  EXPECT_THAT(odd.out, HasSubstr("INVALID_ARGUMENT"));
+  Result no_inputs = RunCli("generate --pipeline " + pipeline + " -o " + png + " --threads 1");
+  EXPECT_EQ(no_inputs.exit_code, 1);
+  EXPECT_THAT(no_inputs.out, HasSubstr("--inputs"));
+  Result bad_out = RunCli("generate --pipeline " + pipeline + " --inputs " + examples + " -o " +
+                          tmp.File("x.jpg") + " --threads 1");
+  EXPECT_EQ(bad_out.exit_code, 1);
+  EXPECT_THAT(bad_out.out, HasSubstr(".png"));
+  Result no_prompt = RunCli("generate --pipeline " + pipeline + " --inputs " + png +
+                            " -o " + tmp.File("y.png") + " --threads 1");
+  EXPECT_EQ(no_prompt.exit_code, 1);
+  Result unknown = RunCli("write-demo flux-huge -o " + tmp.path());
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_THAT(unknown.out, HasSubstr("flux-tiny"));
 }
 
 }  // namespace

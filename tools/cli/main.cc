@@ -18,6 +18,17 @@
 //                                                against the model's parameter shapes
 //   diffusion-cli lora convert FILE --model DIR -o OUT.safetensors [--allow-partial]
 //                                                write it in diffusers/PEFT naming
+//   diffusion-cli generate --pipeline DIR --inputs IN.safetensors -o OUT.png|OUT.safetensors
+//                         [--width W] [--height H] [--steps N] [--seed S] [--guidance G]
+//                         [--num-images N] [--true-cfg-scale S] [--lora FILE[:WEIGHT]]...
+//                                                run a diffusers pipeline folder in-process (no
+//                                                server); OUT.safetensors gets `latents` and
+//                                                `image` (see tools/cli/offline_generate.h)
+//   diffusion-cli write-demo [NAME] -o DIR       write the demo pipeline NAME (default flux-tiny,
+//                                                the server's embedded one) as real files
+//   diffusion-cli tokenize --tokenizer DIR [--max_sequence_length N] TEXT...
+//                                                token ids per TEXT, one line each (see
+//                                                tools/cli/text_commands.h)
 //
 // Remote commands (gRPC; every one takes --target=host:port (default localhost:50051),
 // --token_file=FILE (admin bearer token, sent on management calls), --tls_ca=PEM (TLS) and
@@ -73,7 +84,9 @@
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 #include "handlers/threads.h"
+#include "tools/cli/offline_generate.h"
 #include "tools/cli/remote.h"
+#include "tools/cli/text_commands.h"
 
 ABSL_FLAG(bool, verbose, false, "describe, metadata: add each row's description and docs link");
 ABSL_FLAG(bool, list, false, "describe: list the registered models");
@@ -107,6 +120,8 @@ ABSL_FLAG(std::string, lora, "",
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = number of cores)");
 
 // Remote commands (tools/cli/remote.h).
+ABSL_FLAG(std::string, pipeline, "",
+          "generate: run this diffusers pipeline folder in-process instead of asking a server");
 ABSL_FLAG(std::string, target, "localhost:50051", "remote commands: the server, host:port");
 ABSL_FLAG(std::string, token_file, "",
           "remote management commands: file holding the admin bearer token");
@@ -142,6 +157,17 @@ ABSL_FLAG(double, true_cfg_scale, 0,
           "generate on a pipeline instance: true classifier-free guidance scale (needs "
           "negative_prompt_embeds in --inputs; 0 = off)");
 
+// Text commands (tools/cli/text_commands.h).
+ABSL_FLAG(std::string, tokenizer, "",
+          "tokenize: the tokenizer folder (a pipeline's tokenizer/ or tokenizer_2/)");
+ABSL_FLAG(int64_t, max_sequence_length, 0,
+          "T5 prompt length in tokens (0 = the default, 512 as in FluxPipeline)");
+ABSL_FLAG(std::string, prompt, "",
+          "generate: the text prompt (pipelines with text encoders; --inputs then optional)");
+ABSL_FLAG(std::string, prompt_2, "", "generate: the T5 prompt (default: the same as --prompt)");
+ABSL_FLAG(std::string, negative_prompt, "",
+          "generate: negative prompt for true CFG (with --true-cfg-scale > 1)");
+
 namespace ds {
 namespace {
 
@@ -157,6 +183,15 @@ constexpr char kUsage[] =
     "  diffusion-cli convert FILE OUT_DIR [--config JSON]\n"
     "  diffusion-cli lora inspect FILE --model DIR [--allow-partial] [--json]\n"
     "  diffusion-cli lora convert FILE --model DIR -o OUT.safetensors [--allow-partial]\n"
+    "  diffusion-cli generate --pipeline DIR --inputs IN.safetensors -o OUT.png|OUT.safetensors "
+    "[--width W] [--height H] [--steps N] [--seed S] [--guidance G] [--num-images N] "
+    "[--true-cfg-scale S] [--lora FILE[:WEIGHT]]... [--dtype D] [--device D]\n"
+    "      [--prompt TEXT [--prompt_2 TEXT] [--negative_prompt TEXT] [--max_sequence_length N]]\n"
+    "      (in-process, no server; IN holds prompt_embeds, pooled_prompt_embeds (unless --prompt),\n"
+    "      optional negative_* and noise; OUT.safetensors gets tensors latents and image)\n"
+    "  diffusion-cli write-demo [NAME] -o DIR   (the embedded demo pipeline, default flux-tiny)\n"
+    "  diffusion-cli tokenize --tokenizer DIR [--max_sequence_length N] TEXT...\n"
+    "      (one line of token ids per TEXT, padded/truncated as FluxPipeline: CLIP 77, T5 N)\n"
     "remote (a running diffusion-server; each takes [--target=host:port] [--token_file=FILE]\n"
     "[--tls_ca=PEM] [--timeout=SECONDS]):\n"
     "  diffusion-cli models\n"
@@ -174,7 +209,9 @@ constexpr char kUsage[] =
     "      (--lora names an adapter loaded on the server; without --latent-shape: B from\n"
     "      encoder_hidden_states, T = rows of img_ids, C = the model's in_channels)\n"
     "      on a pipeline instance: [--width W] [--height H] [--num-images N] [--true-cfg-scale S];\n"
-    "      IN holds prompt_embeds and pooled_prompt_embeds; OUT.png gets the image\n"
+    "      --prompt TEXT [--prompt_2 TEXT] [--negative_prompt TEXT] [--max_sequence_length N]\n"
+    "      (text encoders), or IN holding prompt_embeds and pooled_prompt_embeds; OUT.png gets\n"
+    "      the image\n"
     "  exit codes: 0 ok, 1 bad invocation or local failure, 2 unknown command, 3 error from the\n"
     "  server (printed as 'error: CODE_NAME: message'), 4 health not SERVING\n"
     "  (all commands accept --threads N; flag names take '-' or '_')";
@@ -437,6 +474,10 @@ cli::RemoteOptions RemoteOptionsFromFlags() {
   o.num_images = absl::GetFlag(FLAGS_num_images);
   o.true_cfg_scale = absl::GetFlag(FLAGS_true_cfg_scale);
   o.loras = LoraFlags();
+  o.prompt = absl::GetFlag(FLAGS_prompt);
+  o.prompt_2 = absl::GetFlag(FLAGS_prompt_2);
+  o.negative_prompt = absl::GetFlag(FLAGS_negative_prompt);
+  o.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
   return o;
 }
 
@@ -525,6 +566,20 @@ int Main(int argc, char** argv) {
     }
     command = absl::StrCat("lora ", args[2]);
     status = Lora(args);
+  } else if (command == "generate" && !absl::GetFlag(FLAGS_pipeline).empty()) {
+    if (args.size() != 2) {
+      status = absl::InvalidArgumentError("generate takes no positional arguments");
+    } else {
+      status = cli::RunOfflineGenerate(absl::GetFlag(FLAGS_pipeline), RemoteOptionsFromFlags());
+    }
+  } else if (command == "tokenize") {
+    status = cli::RunTokenize(std::vector<std::string>(args.begin() + 2, args.end()),
+                              {absl::GetFlag(FLAGS_tokenizer),
+                               absl::GetFlag(FLAGS_max_sequence_length)},
+                              std::cout, std::cerr);
+  } else if (command == "write-demo") {
+    status = cli::RunWriteDemo(std::vector<std::string>(args.begin() + 2, args.end()),
+                               absl::GetFlag(FLAGS_output));
   } else if (cli::IsRemoteCommand(command)) {
     std::vector<std::string> positional(args.begin() + 2, args.end());
     return cli::RunRemoteCommand(command, positional, RemoteOptionsFromFlags());

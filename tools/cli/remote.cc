@@ -563,8 +563,11 @@ absl::StatusOr<std::vector<int64_t>> DeriveLatentShape(const SafetensorsFile& in
 
 absl::Status Generate(Client& client, const RemoteOptions& o) {
   const std::string command = "generate";
-  RETURN_IF_ERROR(
-      Require(o.inputs, command, "--inputs", "a safetensors file of the model's forward inputs"));
+  if (o.prompt.empty()) {
+    RETURN_IF_ERROR(Require(o.inputs, command, "--inputs",
+                            "a safetensors file of the model's forward inputs (or --prompt on a "
+                            "pipeline with text encoders)"));
+  }
   RETURN_IF_ERROR(Require(o.output, command, "-o", "OUT.safetensors or OUT.png"));
   const std::string lower = absl::AsciiStrToLower(o.output);
   const bool png = absl::EndsWith(lower, ".png");
@@ -580,9 +583,12 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
     ASSIGN_OR_RETURN(std::vector<int64_t> shape, ParseLatentShape(o.latent_shape));
     for (int64_t d : shape) request.add_latent_shape(d);
   }
-  auto opened = SafetensorsFile::Open(o.inputs);
-  if (!opened.ok()) return Annotate(opened.status(), "--inputs");
-  const SafetensorsFile& file = **opened;
+  std::shared_ptr<const SafetensorsFile> opened;
+  if (!o.inputs.empty()) {
+    auto file_or = SafetensorsFile::Open(o.inputs);
+    if (!file_or.ok()) return Annotate(file_or.status(), "--inputs");
+    opened = *std::move(file_or);
+  }
 
   ASSIGN_OR_RETURN(const std::string model, ResolveModel(client, o.model));
   pb::GetMetadataRequest md_request;
@@ -615,9 +621,11 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
         {"noise", &pb::GenerateRequest::mutable_noise}};
     std::vector<std::string> sent;
     for (const auto& [name, field] : fields) {
+      if (opened == nullptr) break;
+      const SafetensorsFile& file = *opened;
       const std::string key = file.contains(name) ? name : "inputs/" + name;
       if (!file.contains(key)) {
-        if (name == "prompt_embeds") {
+        if (name == "prompt_embeds" && o.prompt.empty()) {
           return absl::InvalidArgumentError(absl::StrCat(
               "--inputs ", o.inputs, ": no tensor 'prompt_embeds' (or 'inputs/prompt_embeds'), "
               "which a ", md.instance().pipeline_class(), " instance needs"));
@@ -629,13 +637,27 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
                                absl::StrCat("--inputs ", o.inputs, ": '", key, "'")));
       sent.push_back(key);
     }
-    std::cerr << "note: sending " << absl::StrJoin(sent, ", ") << " from " << o.inputs << "\n";
+    if (!sent.empty()) {
+      std::cerr << "note: sending " << absl::StrJoin(sent, ", ") << " from " << o.inputs << "\n";
+    }
+    if (!o.prompt.empty()) {
+      request.add_prompt(o.prompt);
+      if (!o.prompt_2.empty()) request.add_prompt_2(o.prompt_2);
+      if (!o.negative_prompt.empty()) request.add_negative_prompt(o.negative_prompt);
+    }
+    request.set_max_sequence_length(o.max_sequence_length);
     request.set_width(o.width);
     request.set_height(o.height);
     request.set_num_images(o.num_images);
     request.set_true_cfg_scale(o.true_cfg_scale);
     request.set_output(png ? pb::GenerateRequest::OUTPUT_PNG : pb::GenerateRequest::OUTPUT_LATENTS);
   } else {
+    if (!o.prompt.empty() || opened == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--prompt needs a pipeline instance with text encoders; '", model, "' is a bare ",
+          md.class_name(), " (give --inputs with its forward inputs)"));
+    }
+    const SafetensorsFile& file = *opened;
     if (o.width != 0 || o.height != 0 || o.num_images != 0 || o.true_cfg_scale != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--width/--height/--num-images/--true-cfg-scale need a pipeline instance; '", model,
@@ -701,6 +723,9 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
     return absl::InternalError("the server ended the Generate stream without a result");
   }
 
+  for (const std::string& warning : result->warnings()) {
+    std::cerr << "warning: " << warning << "\n";
+  }
   std::vector<std::string> adapters;
   nlohmann::json adapters_json = nlohmann::json::array();
   for (const pb::AppliedAdapter& a : result->adapters()) {

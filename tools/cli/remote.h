@@ -98,6 +98,12 @@ struct RemoteOptions {
   int64_t height = 0;
   int64_t num_images = 0;
   double true_cfg_scale = 0;
+  // Text prompts (pipelines with text encoders; --inputs is then optional): the prompt, the T5
+  // prompt ("" = the same), the negative prompt (true CFG), T5 tokens (0 = 512).
+  std::string prompt;
+  std::string prompt_2;
+  std::string negative_prompt;
+  int64_t max_sequence_length = 0;
 };
 
 // True for the command names above.
