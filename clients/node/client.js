@@ -297,13 +297,14 @@ class DiffusionClient {
 
   // ---- Generate ----
 
-  // Runs a generation. inputs: {input name: Tensor} (the model's forward inputs besides the
-  // latents and the timestep; see GetMetadata.required_inputs). Options: latentShape (the server
-  // draws the noise from `seed`) or latents (a Tensor); seed, steps, guidance (0 = defaults);
-  // adapters (names or {name, weight}); returnLatents (default true); onProgress(step, total,
-  // elapsedSeconds) per progress event as it arrives (if it throws, the call is cancelled and the
-  // Promise rejects with that error); timeoutSeconds (default 600).
-  // Resolves to {result (GenerateResult), latents (Tensor or null), progress (GenerateProgress[])}.
+  // Runs a generation on a bare transformer instance. inputs: {input name: Tensor} (the model's
+  // forward inputs besides the latents and the timestep; see GetMetadata.required_inputs).
+  // Options: latentShape (the server draws the noise from `seed`) or latents (a Tensor); seed,
+  // steps, guidance (0 = defaults); adapters (names or {name, weight}); returnLatents (default
+  // true); onProgress(step, total, elapsedSeconds) per progress event as it arrives (if it throws,
+  // the call is cancelled and the Promise rejects with that error); timeoutSeconds (default 600).
+  // Resolves to {result (GenerateResult), latents (Tensor or null), images (Buffer[] of PNGs;
+  // empty here), progress (GenerateProgress[])}.
   generate(model, inputs, {latentShape, latents, seed = 0, steps = 0, guidance = 0, adapters = [],
     returnLatents = true, onProgress, timeoutSeconds = 600} = {}) {
     let request;
@@ -322,6 +323,44 @@ class DiffusionClient {
     } catch (err) {
       return Promise.reject(err);
     }
+    return this.runGenerate(request, onProgress, timeoutSeconds);
+  }
+
+  // Runs a pipeline instance (ListModels' pipeline_class set, e.g. the embedded "flux-tiny").
+  // promptEmbeds: Tensor [L, D] or [P, L, D] (D = GetMetadata limits.prompt_embeds_dim);
+  // options: pooledPromptEmbeds, width, height (0 = the pipeline's default; multiples of
+  // limits.image_size_multiple), numImages, seed, steps, guidance, trueCfgScale with
+  // negativePromptEmbeds / negativePooledPromptEmbeds, noise (initial latents, unpacked), adapters,
+  // returnLatents (default false), onProgress, timeoutSeconds. Resolves like generate(), with one
+  // PNG Buffer per image in `images`.
+  generateImages(model, promptEmbeds, {pooledPromptEmbeds, width = 0, height = 0, numImages = 0,
+    seed = 0, steps = 0, guidance = 0, trueCfgScale = 0, negativePromptEmbeds,
+    negativePooledPromptEmbeds, noise, adapters = [], returnLatents = false, onProgress,
+    timeoutSeconds = 600} = {}) {
+    let request;
+    try {
+      request = {
+        model, seed, steps, guidance, width, height,
+        num_images: numImages,
+        true_cfg_scale: trueCfgScale,
+        output: returnLatents ? 'OUTPUT_PNG_AND_LATENTS' : 'OUTPUT_PNG',
+        prompt_embeds: promptEmbeds.toProto(),
+        adapters: adapters.map((a) => (typeof a === 'string' ? {name: a} : a)),
+      };
+      if (pooledPromptEmbeds) request.pooled_prompt_embeds = pooledPromptEmbeds.toProto();
+      if (negativePromptEmbeds) request.negative_prompt_embeds = negativePromptEmbeds.toProto();
+      if (negativePooledPromptEmbeds) {
+        request.negative_pooled_prompt_embeds = negativePooledPromptEmbeds.toProto();
+      }
+      if (noise) request.noise = noise.toProto();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.runGenerate(request, onProgress, timeoutSeconds);
+  }
+
+  // The Generate stream: progress events, then the result.
+  runGenerate(request, onProgress, timeoutSeconds) {
     return new Promise((resolve, reject) => {
       const progress = [];
       let result = null;
@@ -360,7 +399,8 @@ class DiffusionClient {
           // Unset message fields decode as null (proto-loader `defaults`).
           const decoded = result.latents
               ? Tensor.fromProto(result.latents, 'GenerateResult.latents') : null;
-          settle(resolve, {result, latents: decoded, progress});
+          const images = (result.images || []).map((b) => Buffer.from(b));
+          settle(resolve, {result, latents: decoded, images, progress});
         } catch (err) {
           settle(reject, err);
         }
@@ -423,4 +463,31 @@ function fluxInputs(config, {height, width, textTokens, seed = 0, batch = 1}) {
   };
 }
 
-module.exports = {DiffusionClient, ProtocolError, Tensor, fluxInputs, loadApi, grpc};
+// Random {promptEmbeds [textTokens, D], pooledPromptEmbeds [D_pooled]} for a pipeline instance
+// whose GetMetadata limits are `limits`: stand-ins for text-encoder outputs in demos and tests.
+function randomPromptEmbeds(limits, {textTokens, seed = 0}) {
+  const dim = Number(limits.prompt_embeds_dim);
+  const pooled = Number(limits.pooled_prompt_embeds_dim);
+  if (!(dim > 0 && pooled > 0)) {
+    throw new Error('these limits are not a pipeline instance\'s (no embedding widths)');
+  }
+  const next = gaussian(seed);
+  const random = (n) => Float32Array.from({length: n}, next);
+  return {
+    promptEmbeds: new Tensor(random(textTokens * dim), [textTokens, dim]),
+    pooledPromptEmbeds: new Tensor(random(pooled), [pooled]),
+  };
+}
+
+// {width, height} from a PNG's IHDR chunk; throws if `buffer` is not a PNG.
+function pngSize(buffer) {
+  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  if (buffer.length < 24 || !buffer.subarray(0, 8).equals(signature) ||
+      buffer.toString('latin1', 12, 16) !== 'IHDR') {
+    throw new Error('not a PNG image');
+  }
+  return {width: buffer.readUInt32BE(16), height: buffer.readUInt32BE(20)};
+}
+
+module.exports = {DiffusionClient, ProtocolError, Tensor, fluxInputs, randomPromptEmbeds, pngSize,
+  loadApi, grpc};

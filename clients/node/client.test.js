@@ -19,7 +19,7 @@ const path = require('node:path');
 const readline = require('node:readline');
 const {test, before, after} = require('node:test');
 
-const {DiffusionClient, Tensor, fluxInputs, grpc} = require('./client.js');
+const {DiffusionClient, Tensor, fluxInputs, randomPromptEmbeds, pngSize, grpc} = require('./client.js');
 
 const TOKEN = 'node-client-test-token-0123456789';
 const STARTUP_TIMEOUT_MS = 60000;
@@ -108,7 +108,8 @@ before(async () => {
   const tokenFile = path.join(state.root, 'token');
   fs.writeFileSync(tokenFile, `${TOKEN}\n`);
   const server = await startServer(binary, state.root, [`--admin_token_file=${tokenFile}`,
-    `--model_root=${state.modelRoot}`, `--adapter_root=${state.adapterRoot}`]);
+    `--model_root=${state.modelRoot}`, `--adapter_root=${state.adapterRoot}`,
+    `--embedded_dir=${path.join(state.root, 'embedded')}`]);
   state.child = server.child;
   state.target = server.target;
   state.client = new DiffusionClient(state.target, {token: TOKEN});
@@ -232,6 +233,27 @@ test('Generate: progress 1..n, shape, finite, seeded determinism, adapters', asy
     }
   }
   await state.client.unloadLoRA('golden', 'gen');
+});
+
+test('generateImages on the embedded flux-tiny pipeline: PNG size, seeded determinism', async () => {
+  const md = await state.client.getMetadata('flux-tiny');
+  assert.equal(md.instance.pipeline_class, 'FluxPipeline');
+  const multiple = Number(md.limits.image_size_multiple);
+  assert.ok(multiple > 0);
+  const {promptEmbeds, pooledPromptEmbeds} = randomPromptEmbeds(md.limits, {textTokens: 5, seed: 3});
+  const run = (seed, numImages = 0) => state.client.generateImages('flux-tiny', promptEmbeds, {
+    pooledPromptEmbeds, width: 3 * multiple, height: 2 * multiple, numImages, seed, steps: 2});
+  const first = await run(5);
+  const again = await run(5);
+  const other = await run(6);
+  assert.equal(first.images.length, 1);
+  assert.deepEqual(pngSize(first.images[0]), {width: 3 * multiple, height: 2 * multiple});
+  assert.ok(first.images[0].equals(again.images[0]), 'same seed differs');
+  assert.ok(!first.images[0].equals(other.images[0]), 'seed ignored');
+  assert.equal(first.progress.length, 2);
+  const two = await run(5, 2);
+  assert.equal(two.images.length, 2);
+  assert.ok(!two.images[0].equals(two.images[1]), 'two images per prompt are the same');
 });
 
 test('Generate: an onProgress error cancels the call and rejects with it', async () => {

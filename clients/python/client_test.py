@@ -122,7 +122,8 @@ class ClientTest(unittest.TestCase):
             f.write(TOKEN + "\n")
         cls.server = Server(server_path, root,
                             [f"--admin_token_file={token_file}", f"--model_root={cls.model_root}",
-                             f"--adapter_root={cls.adapter_root}"])
+                             f"--adapter_root={cls.adapter_root}",
+                             f"--embedded_dir={os.path.join(root, 'embedded')}"])
         cls.client = dc.DiffusionClient(cls.server.target, token=TOKEN, timeout=RPC_TIMEOUT_S)
         # The model the golden LoRAs target, as instance "golden".
         loaded = cls.client.load_single_file("golden", "base_model_dir", timeout=RPC_TIMEOUT_S)
@@ -240,6 +241,30 @@ class ClientTest(unittest.TestCase):
                     plain = self._generate(model, config, seed=11, steps=2)
                     self.assertNotEqual(plain.result.latents.data, first.result.latents.data)
         self.client.unload_lora("golden", "gen")
+
+    def test_generate_images(self):
+        # The embedded demo pipeline: PNGs of the requested size, reproducible per seed.
+        meta = self.client.get_metadata("flux-tiny")
+        self.assertEqual(meta.instance.pipeline_class, "FluxPipeline")
+        limits = meta.limits
+        prompt, pooled = dc.random_prompt_embeds(limits, text_tokens=5, seed=3)
+        width, height = 3 * limits.image_size_multiple, 2 * limits.image_size_multiple
+
+        def run(seed, adapters=(), num_images=0):
+            return self.client.generate_images("flux-tiny", prompt, pooled, width=width,
+                                               height=height, num_images=num_images, seed=seed,
+                                               steps=2, adapters=adapters)
+
+        first, again, other = run(5), run(5), run(6)
+        self.assertEqual(len(first.images), 1)
+        self.assertEqual(dc.png_size(first.images[0]), (width, height))
+        self.assertEqual(first.images, again.images)
+        self.assertNotEqual(first.images, other.images)
+        self.assertEqual(len(first.progress), 2)
+        two = run(5, num_images=2)
+        self.assertEqual(len(two.images), 2)
+        self.assertNotEqual(two.images[0], two.images[1])
+        self.assertEqual([dc.png_size(i) for i in two.images], [(width, height)] * 2)
 
     def test_progress_callback_error_cancels(self):
         config = dc.DiffusionClient.config(self.client.get_metadata("default"))

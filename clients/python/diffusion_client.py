@@ -141,11 +141,13 @@ class Tensor:
 
 class GenerateOutput:
     """A finished Generate: `result` (the GenerateResult message), `latents` (a Tensor, or None
-    when the server sent none) and `progress` (the GenerateProgress messages, in order)."""
+    when the server sent none), `images` (PNG bytes, one per image; empty for a bare transformer
+    instance) and `progress` (the GenerateProgress messages, in order)."""
 
     def __init__(self, result, latents, progress):
         self.result = result
         self.latents = latents
+        self.images = list(result.images)
         self.progress = progress
 
 
@@ -252,9 +254,48 @@ class DiffusionClient:
 
     # ---- Generate -------------------------------------------------------------------------------
 
+    def generate_images(self, model, prompt_embeds, pooled_prompt_embeds=None, width=0, height=0,
+                        num_images=0, seed=0, steps=0, guidance=0.0, true_cfg_scale=0.0,
+                        negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                        noise=None, adapters=(), return_latents=False, on_progress=None,
+                        timeout=600.0):
+        """Runs a pipeline instance (ListModels' pipeline_class set, e.g. the embedded
+        "flux-tiny") and returns a GenerateOutput whose `images` are the PNG bytes, one per image.
+
+        prompt_embeds: a Tensor [L, D] or [P, L, D] (D = GetMetadata's
+        generate_limits.prompt_embeds_dim); pooled_prompt_embeds [D_pooled] or [P, D_pooled].
+        width/height in pixels (0 = the pipeline's default; multiples of
+        generate_limits.image_size_multiple). true_cfg_scale > 1 with negative embeddings runs true
+        classifier-free guidance. noise: optional initial latents (unpacked [B, C, h, w]); otherwise
+        the server draws them from `seed`. adapters and on_progress as in generate().
+        """
+        request = pb.GenerateRequest(model=model, seed=seed, steps=steps, guidance=guidance,
+                                     width=width, height=height, num_images=num_images,
+                                     true_cfg_scale=true_cfg_scale)
+        request.output = (pb.GenerateRequest.OUTPUT_PNG_AND_LATENTS if return_latents
+                          else pb.GenerateRequest.OUTPUT_PNG)
+        request.prompt_embeds.CopyFrom(prompt_embeds.to_proto())
+        for field, tensor in (("pooled_prompt_embeds", pooled_prompt_embeds),
+                              ("negative_prompt_embeds", negative_prompt_embeds),
+                              ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
+                              ("noise", noise)):
+            if tensor is not None:
+                getattr(request, field).CopyFrom(tensor.to_proto())
+        self._add_adapters(request, adapters)
+        return self._run_generate(request, on_progress, timeout)
+
+    @staticmethod
+    def _add_adapters(request, adapters):
+        for adapter in adapters:
+            if isinstance(adapter, str):
+                request.adapters.add(name=adapter)
+            else:
+                name, weight = adapter
+                request.adapters.add(name=name, weight=float(weight))
+
     def generate(self, model, inputs, latent_shape=None, latents=None, seed=0, steps=0,
                  guidance=0.0, adapters=(), return_latents=True, on_progress=None, timeout=600.0):
-        """Runs a generation and waits for its result.
+        """Runs a generation on a bare transformer instance and waits for its result.
 
         inputs: {input name: Tensor} (the model's forward inputs besides the latents and the
         timestep; see GetMetadata.required_inputs). Either `latents` (a Tensor of the initial
@@ -271,12 +312,10 @@ class DiffusionClient:
             request.latents.CopyFrom(latents.to_proto())
         if latent_shape is not None:
             request.latent_shape.extend(int(d) for d in latent_shape)
-        for adapter in adapters:
-            if isinstance(adapter, str):
-                request.adapters.add(name=adapter)
-            else:
-                name, weight = adapter
-                request.adapters.add(name=name, weight=float(weight))
+        self._add_adapters(request, adapters)
+        return self._run_generate(request, on_progress, timeout)
+
+    def _run_generate(self, request, on_progress, timeout):
         progress, result = [], None
         call = self._stub.Generate(request, timeout=timeout)
         try:
@@ -302,6 +341,25 @@ class DiffusionClient:
 
 def _gaussian(rng, count):
     return array.array("f", (rng.gauss(0.0, 1.0) for _ in range(count)))
+
+
+def random_prompt_embeds(limits, text_tokens, seed=0):
+    """Random (prompt_embeds [text_tokens, D], pooled_prompt_embeds [D_pooled]) for a pipeline
+    instance whose GetMetadata limits are `limits` (prompt_embeds_dim, pooled_prompt_embeds_dim):
+    stand-ins for text-encoder outputs in demos and tests."""
+    rng = random.Random(seed)
+    dim, pooled = limits.prompt_embeds_dim, limits.pooled_prompt_embeds_dim
+    if dim <= 0 or pooled <= 0:
+        raise ValueError("these limits are not a pipeline instance's (no embedding widths)")
+    return (Tensor(_gaussian(rng, text_tokens * dim), (text_tokens, dim)),
+            Tensor(_gaussian(rng, pooled), (pooled,)))
+
+
+def png_size(data):
+    """(width, height) from a PNG's IHDR chunk; ValueError if `data` is not a PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    return struct.unpack(">II", data[16:24])
 
 
 def flux_inputs(config, height, width, text_tokens, seed=0, batch=1):
