@@ -4,6 +4,8 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <algorithm>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -268,10 +270,18 @@ TEST(AutoencoderKLTest, AttentionChunkingDoesNotChangeTheResult) {
   ASSERT_TRUE(LoadStateDict(*b, NamedTensors(*a)).ok());
   torch::manual_seed(2);
   const torch::Tensor z = torch::randn({2, 2, 3, 4});
+  // Chunking only reorders float32 sums: differences stay at rounding level relative to the
+  // largest value (values near 0 make an elementwise relative test meaningless).
+  auto close = [](const torch::Tensor& u, const torch::Tensor& v) {
+    const double scale = std::max(u.abs().max().item<double>(), 1e-30);
+    const double diff = (u - v).abs().max().item<double>();
+    return ::testing::AssertionResult(diff <= 1e-5 * scale)
+           << "max |diff| " << diff << " vs max |value| " << scale;
+  };
   const torch::Tensor ya = a->decode(z), yb = b->decode(z);
-  EXPECT_TRUE(torch::allclose(ya, yb, 1e-5, 1e-6)) << (ya - yb).abs().max().item<double>();
+  EXPECT_TRUE(close(ya, yb));
   const torch::Tensor x = torch::rand({1, 3, 10, 6});
-  EXPECT_TRUE(torch::allclose(a->encode(x).mean, b->encode(x).mean, 1e-5, 1e-6));
+  EXPECT_TRUE(close(a->encode(x).mean, b->encode(x).mean));
 }
 
 TEST(AutoencoderKLTest, FolderErrorsNameTheKey) {
