@@ -92,6 +92,10 @@ LoraHost::~LoraHost() = default;
 
 absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const std::string& path,
                                                  const AdapterLoadOptions& options) const {
+  if (!std::isfinite(options.default_weight)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter '", name, "': default weight must be finite, got ", options.default_weight));
+  }
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
     const int err = errno;
@@ -123,6 +127,7 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
   adapter->name = name;
   adapter->path = options.source.empty() ? path : options.source;
   adapter->format = loaded.lora.format;
+  adapter->default_weight = options.default_weight;
   const ModelOptions& mo = model_->options();
   for (const LoraModule& m : loaded.lora.modules) {
     LoraModule copy = m;
@@ -278,6 +283,7 @@ AdapterInfo LoraHost::InfoLocked(const std::string& name, const Entry& e) const 
   info.bytes = e.adapter->bytes;
   info.modules = static_cast<int64_t>(e.adapter->modules.size());
   info.pinned = e.pinned;
+  info.default_weight = e.adapter->default_weight;
   for (const AdapterStack::Use& u : fused_) info.fused |= u.adapter == e.adapter;
   info.users = e.adapter.use_count() - 1;
   info.last_used = e.last_used.load();
@@ -328,11 +334,12 @@ absl::StatusOr<AdapterStackPtr> LoraHost::SnapshotLocked(
       return absl::InvalidArgumentError(
           absl::StrCat("adapter '", r.name, "' is named twice in one request"));
     }
-    if (!std::isfinite(r.weight)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("adapter '", r.name, "': weight must be finite, got ", r.weight));
-    }
     const LoraAdapterPtr& adapter = it->second->adapter;
+    const double weight = r.weight.value_or(adapter->default_weight);
+    if (!std::isfinite(weight)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter '", r.name, "': weight must be finite, got ", weight));
+    }
     if (!for_fuse) {
       for (const AdapterStack::Use& u : fused_) {
         if (u.adapter == adapter) {
@@ -351,7 +358,7 @@ absl::StatusOr<AdapterStackPtr> LoraHost::SnapshotLocked(
                          "' replace parameter ", o.param, " with different values; use one of them"));
       }
     }
-    stack->adapters.push_back({adapter, r.weight});
+    stack->adapters.push_back({adapter, weight});
   }
   for (const AdapterStack::Use& u : stack->adapters) {
     for (const LoraModule& m : u.adapter->modules) {

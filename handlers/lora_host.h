@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
@@ -65,13 +66,16 @@ struct LoraAdapter {
   std::vector<LoraModule> modules;    // matched modules, tensors in the model dtype and device
   std::vector<LoraOverlay> overlays;  // matched overlays, likewise
   int64_t bytes = 0;                  // tensor bytes held
+  // The weight a request that names it without one applies (AdapterLoadOptions::default_weight).
+  double default_weight = 1.0;
 };
 using LoraAdapterPtr = std::shared_ptr<const LoraAdapter>;
 
 // One adapter of a request, and its weight (diffusers' set_adapters weight; 1 = as trained).
+// Unset: the adapter's default_weight (1 unless it was loaded with another).
 struct AdapterRequest {
   std::string name;
-  double weight = 1.0;
+  std::optional<double> weight;
 };
 
 // A request's snapshot: the adapters it uses and the context the model's forward reads. Immutable;
@@ -101,6 +105,9 @@ struct AdapterLoadOptions {
   // Recorded as the adapter's `path` instead of the file path when non-empty (e.g. "inline" for
   // bytes a client sent, written to a temporary file that is removed after loading).
   std::string source;
+  // The weight requests get when they name the adapter without one; finite (INVALID_ARGUMENT
+  // otherwise).
+  double default_weight = 1.0;
 };
 
 // A copy of a LoRA tensor `t` in the model's dtype and device that owns its memory (never a view
@@ -129,6 +136,7 @@ struct AdapterInfo {
   int64_t modules = 0;
   bool pinned = false;
   bool fused = false;
+  double default_weight = 1.0;
   // Requests and fused sets holding it besides the store (a snapshot count, racy by nature).
   int64_t users = 0;
   uint64_t last_used = 0;  // logical clock of its last load or snapshot (larger = more recent)

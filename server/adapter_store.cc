@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -176,6 +177,7 @@ nlohmann::json ToJson(const AdapterDescriptor& d) {
                         {"format", d.format},
                         {"allow_partial", d.allow_partial},
                         {"pin", d.pin},
+                        {"default_weight", d.default_weight},
                         {"blob", d.blob},
                         {"source", d.source},
                         {"published_by", d.published_by},
@@ -227,6 +229,13 @@ absl::StatusOr<AdapterDescriptor> ParseDescriptor(const std::string& text,
   RETURN_IF_ERROR(str("format", &d.format));
   RETURN_IF_ERROR(boolean("allow_partial", &d.allow_partial));
   RETURN_IF_ERROR(boolean("pin", &d.pin));
+  {
+    auto it = j.find("default_weight");
+    if (it == j.end() || !it->is_number() || !std::isfinite(it->get<double>())) {
+      return bad("'default_weight' is not a finite number");
+    }
+    d.default_weight = it->get<double>();
+  }
   RETURN_IF_ERROR(str("blob", &d.blob));
   RETURN_IF_ERROR(str("source", &d.source));
   RETURN_IF_ERROR(str("published_by", &d.published_by));
@@ -597,6 +606,7 @@ absl::StatusOr<AdapterDescriptor> AdapterSync::Published(const ModelInstance& in
   d.format = adapter.format;
   d.allow_partial = allow_partial;
   d.pin = pin;
+  d.default_weight = adapter.default_weight;
   d.source = adapter.path;
   ASSIGN_OR_RETURN(AdapterDescriptor written, store_->Publish(std::move(d), file, replace));
   SetManaged({instance.name, adapter.name}, true);
@@ -645,6 +655,7 @@ absl::Status AdapterSync::LoadFromStoreLocked(const ModelInstance& instance,
     AdapterLoadOptions options;
     options.allow_partial = d->allow_partial;
     options.pin = d->pin;
+    options.default_weight = d->default_weight;
     options.replace = replace;
     options.format_hint = d->format;
     options.source = absl::StrCat("store:", AdapterStore::Shown(instance.name, d->blob));
@@ -731,7 +742,8 @@ void AdapterSync::Reconcile(const ModelInstance& instance, const AdapterStore::L
     const Key key{instance.name, local.name};
     auto it = listing.adapters.find(local.name);
     if (it != listing.adapters.end()) {
-      if (it->second.sha256 == local.sha256) {
+      if (it->second.sha256 == local.sha256 &&
+          it->second.default_weight == local.default_weight) {
         SetManaged(key, true);
         continue;
       }
@@ -739,7 +751,10 @@ void AdapterSync::Reconcile(const ModelInstance& instance, const AdapterStore::L
       std::unique_lock entry = Lock(instance.name, local.name);
       absl::StatusOr<AdapterInfo> now = instance.host->Info(local.name);
       absl::StatusOr<AdapterDescriptor> d = store_->Read(instance.name, local.name);
-      if (!now.ok() || (d.ok() && d->sha256 == now->sha256)) continue;  // changed meanwhile
+      if (!now.ok() || (d.ok() && d->sha256 == now->sha256 &&
+                        d->default_weight == now->default_weight)) {
+        continue;  // changed meanwhile
+      }
       absl::Status s =
           d.ok() ? LoadFromStoreLocked(instance, local.name, /*replace=*/true) : d.status();
       if (!s.ok() && !absl::IsNotFound(s)) {

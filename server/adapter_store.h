@@ -61,6 +61,7 @@ struct AdapterDescriptor {
   std::string format;          // the detected LoRA format; replicas require the same detection
   bool allow_partial = false;  // as LoadLoRA asked (replicas load it the same way)
   bool pin = false;            // never evicted on any replica
+  double default_weight = 1.0;  // the weight of a Generate that names it without one
   std::string blob;            // the adapter file's name inside the instance folder
   std::string source;          // what the publishing replica loaded it from ("inline", a path)
   std::string published_by;    // host name of the publishing replica

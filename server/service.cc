@@ -76,6 +76,7 @@ void FillLoRAInfo(const AdapterInfo& info, pb::LoRAInfo* out) {
   out->set_pinned(info.pinned);
   out->set_fused(info.fused);
   out->set_users(info.users);
+  out->set_default_weight(info.default_weight);
 }
 
 void FillLoRAReport(const LoraReport& report, pb::LoRAReport* out) {
@@ -107,6 +108,7 @@ void FillStoredAdapter(const AdapterDescriptor& d, pb::StoredAdapter* out) {
   out->set_pinned(d.pin);
   out->set_published_by(d.published_by);
   out->set_published_unix_ms(d.published_unix_ms);
+  out->set_default_weight(d.default_weight);
 }
 
 void FillFeatureRow(const FeatureRow& row, pb::FeatureRow* out) {
@@ -654,6 +656,13 @@ absl::Status DiffusionService::DoLoadLoRA(const pb::LoadLoRARequest& request,
   options.replace = request.replace();
   options.pin = request.pin();
   options.format_hint = request.format_hint();
+  if (request.has_default_weight()) {
+    if (!std::isfinite(request.default_weight())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "default_weight: must be finite, got ", request.default_weight()));
+    }
+    options.default_weight = request.default_weight();
+  }
   std::string path;
   TempFile temp;
   switch (request.source_case()) {
@@ -791,12 +800,15 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
     if (a.name().empty()) {
       return absl::InvalidArgumentError(absl::StrCat("adapters[", i, "].name: required"));
     }
-    const double weight = a.has_weight() ? a.weight() : 1.0;
-    if (!std::isfinite(weight)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("adapters[", i, "].weight: must be finite, got ", weight));
+    AdapterRequest adapter{a.name(), std::nullopt};  // unset: the adapter's default weight
+    if (a.has_weight()) {
+      if (!std::isfinite(a.weight())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("adapters[", i, "].weight: must be finite, got ", a.weight()));
+      }
+      adapter.weight = a.weight();
     }
-    adapters.push_back(AdapterRequest{a.name(), weight});
+    adapters.push_back(adapter);
     adapter_names.push_back(a.name());
   }
   log->set_adapters(adapter_names);

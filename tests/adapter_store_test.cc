@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -57,11 +58,13 @@ struct Replica {
   }
   InstancePtr instance() const { return *models->Get("default"); }
   // LoadLoRA as the service does it: local load, then the store half.
-  absl::Status Load(const std::string& name, const std::string& file, bool replace) {
+  absl::Status Load(const std::string& name, const std::string& file, bool replace,
+                    double default_weight = 1.0) {
     auto entry = sync->Lock("default", name);
     InstancePtr inst = instance();
     AdapterLoadOptions options;
     options.replace = replace;
+    options.default_weight = default_weight;
     absl::StatusOr<AdapterLoadResult> r = inst->host->Load(name, file, options);
     if (!r.ok()) return r.status();
     absl::StatusOr<AdapterInfo> info = inst->host->Info(name);
@@ -162,6 +165,31 @@ TEST_F(AdapterStoreTest, AnotherReplicaLoadsOnDemandOnceUnderConcurrency) {
   absl::Status missing = b_->sync->EnsureLoaded(inst, {"nope"});
   EXPECT_TRUE(absl::IsNotFound(missing)) << missing;
   EXPECT_THAT(std::string(missing.message()), HasSubstr("'nope'"));
+}
+
+// The adapter's default weight (LoadLoRA.default_weight) is part of the descriptor: a replica that
+// loads the adapter from the store applies the same weight to requests that give none.
+TEST_F(AdapterStoreTest, DefaultWeightTravelsWithTheDescriptor) {
+  const std::string file = MakeLora("weighted.safetensors", 3);
+  ASSERT_TRUE(a_->Load("soft", file, false, /*default_weight=*/0.25).ok());
+  auto d = a_->sync->store().Read("default", "soft");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->default_weight, 0.25);
+  const InstancePtr inst = b_->instance();
+  ASSERT_TRUE(b_->sync->EnsureLoaded(inst, {"soft"}).ok());
+  auto info = inst->host->Info("soft");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->default_weight, 0.25);
+  auto stack = inst->host->Snapshot({AdapterRequest{"soft", std::nullopt}});
+  ASSERT_TRUE(stack.ok()) << stack.status();
+  ASSERT_EQ((*stack)->adapters.size(), 1u);
+  EXPECT_EQ((*stack)->adapters[0].weight, 0.25);
+  auto explicit_stack = inst->host->Snapshot({AdapterRequest{"soft", 2.0}});
+  ASSERT_TRUE(explicit_stack.ok());
+  EXPECT_EQ((*explicit_stack)->adapters[0].weight, 2.0);
+  // A non-finite default weight is refused before anything is loaded or published.
+  EXPECT_TRUE(absl::IsInvalidArgument(a_->Load("nan", file, false, std::nan(""))));
+  EXPECT_FALSE(a_->sync->store().Read("default", "nan").ok());
 }
 
 TEST_F(AdapterStoreTest, CorruptEntriesAreDataLossAndNeverServed) {

@@ -944,6 +944,40 @@ TEST_F(ServerTest, EmbeddedFluxTinyServesPngsEndToEnd) {
   ASSERT_TRUE(o.status.ok()) << o.status.error_message();
   EXPECT_NE(o.result->images(0), a.result->images(0));
 
+  // The same file with default weight 0: named without a weight it gives the base image; an
+  // explicit weight 1 gives what "tiny" (default 1) gives.
+  pb::LoadLoRARequest quiet = load;
+  quiet.set_name("quiet");
+  quiet.set_default_weight(0.0);
+  pb::LoadLoRAResponse quiet_loaded;
+  s = stub_->LoadLoRA(Context(60, true).get(), quiet, &quiet_loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  pb::ListLoRAsRequest list_req;
+  list_req.set_model("flux-tiny");
+  pb::ListLoRAsResponse listed;
+  ASSERT_TRUE(stub_->ListLoRAs(Context().get(), list_req, &listed).ok());
+  for (const pb::LoRAInfo& info : listed.adapters()) {
+    EXPECT_EQ(info.default_weight(), info.name() == "quiet" ? 0.0 : 1.0) << info.name();
+  }
+  pb::GenerateRequest unweighted = base_request;
+  unweighted.add_adapters()->set_name("quiet");
+  const Outcome q = Generate(*stub_, unweighted);
+  ASSERT_TRUE(q.status.ok()) << q.status.error_message();
+  EXPECT_EQ(q.result->images(0), a.result->images(0));
+  ASSERT_EQ(q.result->adapters_size(), 1);
+  EXPECT_EQ(q.result->adapters(0).weight(), 0.0);
+  pb::GenerateRequest weighted = base_request;
+  pb::AdapterWeight* qw = weighted.add_adapters();
+  qw->set_name("quiet");
+  qw->set_weight(1.0);
+  const Outcome q1 = Generate(*stub_, weighted);
+  ASSERT_TRUE(q1.status.ok()) << q1.status.error_message();
+  EXPECT_EQ(q1.result->images(0), o.result->images(0));
+  quiet.set_name("bad-default");
+  quiet.set_default_weight(std::nan(""));
+  EXPECT_EQ(stub_->LoadLoRA(Context(60, true).get(), quiet, &quiet_loaded).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+
   // A size that is not a multiple: INVALID_ARGUMENT naming the nearest valid sizes.
   pb::GenerateRequest odd = base_request;
   odd.set_width(3 * multiple + 1);

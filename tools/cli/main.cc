@@ -138,8 +138,8 @@ ABSL_FLAG(bool, pin, false, "load-lora: never evict the adapter under memory pre
 ABSL_FLAG(std::string, format_hint, "",
           "load-lora: expected LoRA format (kohya, xlabs, ...); a mismatch is an error");
 ABSL_FLAG(std::string, weight, "",
-          "load-lora: not accepted; adapters get their weight per request (generate --lora "
-          "NAME:WEIGHT)");
+          "load-lora: the adapter's default weight, applied when a Generate names it without one "
+          "(default 1; generate --lora NAME:W still chooses per request)");
 ABSL_FLAG(std::string, service, "", "health: service name (a model instance; empty = the server)");
 ABSL_FLAG(int64_t, steps, 0, "generate: denoising steps (0 = the server's default)");
 ABSL_FLAG(int64_t, seed, 0, "generate: seed of the initial noise");
@@ -200,7 +200,7 @@ constexpr char kUsage[] =
     "[--config JSON]\n"
     "  diffusion-cli unload-model --name N\n"
     "  diffusion-cli load-lora [--model M] --name N (--path P | --file LOCAL) [--format-hint F] "
-    "[--allow-partial] [--replace] [--pin]\n"
+    "[--allow-partial] [--replace] [--pin] [--weight W]\n"
     "  diffusion-cli unload-lora [--model M] --name N\n"
     "  diffusion-cli loras [--model M]\n"
     "  diffusion-cli health [--service NAME]\n"

@@ -378,12 +378,13 @@ absl::Status UnloadModel(Client& client, const RemoteOptions& o) {
 }
 
 absl::Status LoadLora(Client& client, const RemoteOptions& o) {
-  if (!o.weight.empty()) {
+  // --weight: the adapter's default weight (what a request naming it without a weight applies).
+  double default_weight = 1.0;
+  if (!o.weight.empty() &&
+      (!absl::SimpleAtod(o.weight, &default_weight) || !std::isfinite(default_weight))) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--weight ", o.weight,
-        ": an adapter's weight is chosen per request, not at load time; load it without "
-        "--weight and pass `generate --lora ",
-        o.name.empty() ? "NAME" : o.name, ":", o.weight, "`"));
+        "--weight ", o.weight, ": not a finite number (the adapter's default weight; a request "
+        "can still choose its own with `generate --lora NAME:W`)"));
   }
   const std::string command = "load-lora";
   RETURN_IF_ERROR(Require(o.name, command, "--name", "the adapter name"));
@@ -404,6 +405,7 @@ absl::Status LoadLora(Client& client, const RemoteOptions& o) {
   request.set_allow_partial(o.allow_partial);
   request.set_replace(o.replace);
   request.set_pin(o.pin);
+  if (!o.weight.empty()) request.set_default_weight(default_weight);
   pb::LoadLoRAResponse response;
   RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
     return client.stub().LoadLoRA(ctx, request, &response);

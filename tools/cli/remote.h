@@ -73,8 +73,8 @@ struct RemoteOptions {
   std::string format_hint;
   bool allow_partial = false;
   bool pin = false;
-  // Rejected when set: an adapter's weight is chosen per Generate request (generate --lora
-  // NAME:WEIGHT), there is nothing it could mean at load time.
+  // The adapter's default weight: what a Generate naming it without a weight applies (a
+  // request's `--lora NAME:W` still wins). "" = 1.
   std::string weight;
 
   // metadata.
