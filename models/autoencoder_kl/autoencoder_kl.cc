@@ -256,11 +256,13 @@ Tensor SelfAttention(const Ctx& c, const AttentionImpl& m, const Tensor& x) {
   for (int64_t r = 0; r < tokens; r += rows) {
     const int64_t n = std::min(rows, tokens - r);
     const Tensor qr = q.narrow(1, r, n);
-    // diffusers: baddbmm(empty, q, kᵀ, beta=0, alpha=scale), softmax upcast to float32. The
-    // input is zeros, not empty: LibTorch 1.13's small-matrix CPU kernel computes beta * input
-    // even for beta = 0, so NaN garbage in an uninitialized buffer leaks into the scores.
-    Tensor scores = c.R(torch::baddbmm(torch::zeros({b, n, tokens}, q.options()), qr, kt,
-                                       /*beta=*/0, /*alpha=*/scale));
+    // diffusers: baddbmm(empty, q, kᵀ, beta=0, alpha=scale), softmax upcast to float32. The scores
+    // are written into a zeroed buffer that is also the input: LibTorch 1.13's small-matrix CPU
+    // baddbmm computes result * beta + ... even for beta = 0, reading its (otherwise
+    // uninitialized) result buffer, so NaN garbage there leaked into the decode.
+    Tensor scores = torch::zeros({b, n, tokens}, q.options());
+    at::baddbmm_out(scores, scores, qr, kt, /*beta=*/0, /*alpha=*/scale);
+    scores = c.R(scores);
     const Tensor probs = c.R(torch::softmax(scores.to(torch::kFloat), -1).to(q.scalar_type()));
     scores = Tensor();
     outs.push_back(c.R(torch::bmm(probs, v)));
