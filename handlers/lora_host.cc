@@ -21,22 +21,6 @@ namespace {
 
 constexpr size_t kMaxNameLength = 128;
 
-absl::Status ValidateName(const std::string& name) {
-  if (name.empty() || name.size() > kMaxNameLength) {
-    return absl::InvalidArgumentError(absl::StrCat("adapter name must have 1 to ", kMaxNameLength,
-                                                   " characters, got ", name.size()));
-  }
-  for (char ch : name) {
-    const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-                    (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-';
-    if (!ok) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("adapter name '", name, "' may only contain letters, digits, '.', '_', '-'"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 int64_t Bytes(const torch::Tensor& t) {
   return t.defined() ? static_cast<int64_t>(t.numel() * t.element_size()) : 0;
 }
@@ -67,6 +51,23 @@ absl::Status CopyChecked(const torch::Tensor& t, torch::Tensor& dest, const Mode
 }
 
 }  // namespace
+
+absl::Status ValidateAdapterName(const std::string& name) {
+  if (name.empty() || name.size() > kMaxNameLength) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter name must have 1 to ", kMaxNameLength,
+                                                   " characters, got ", name.size()));
+  }
+  for (char ch : name) {
+    const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                    (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' || ch == '-';
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter name '", name, "' may only contain letters, digits, '.', '_', '-'"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 
 absl::StatusOr<torch::Tensor> CopyLoraTensor(const torch::Tensor& t, const ModelOptions& o,
                                              const std::string& what) {
@@ -153,7 +154,7 @@ absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const 
 
 absl::StatusOr<AdapterLoadResult> LoraHost::Load(const std::string& name, const std::string& path,
                                                  const AdapterLoadOptions& options) {
-  RETURN_IF_ERROR(ValidateName(name));
+  RETURN_IF_ERROR(ValidateAdapterName(name));
   if (handler_ == nullptr) {
     return absl::UnimplementedError(
         absl::StrCat(model_->class_name(), " does not support LoRA adapters"));
@@ -383,6 +384,13 @@ absl::StatusOr<AdapterStackPtr> LoraHost::Snapshot(
 
 absl::StatusOr<torch::Tensor> LoraHost::Forward(const TensorMap& inputs,
                                                 const AdapterStack* stack) const {
+  return ForwardWith(stack, [&](const DiffusionModel& model, const LoraContext* lora) {
+    return model.Forward(inputs, lora);
+  });
+}
+
+absl::StatusOr<torch::Tensor> LoraHost::ForwardWith(const AdapterStack* stack,
+                                                    const ModelForward& forward) const {
   std::shared_lock lock(weights_mu_);
   if (stack != nullptr && !fused_in_weights_.empty()) {
     for (const AdapterStack::Use& u : stack->adapters) {
@@ -394,7 +402,7 @@ absl::StatusOr<torch::Tensor> LoraHost::Forward(const TensorMap& inputs,
       }
     }
   }
-  return model_->Forward(inputs, stack != nullptr && !stack->empty() ? &stack->context : nullptr);
+  return forward(*model_, stack != nullptr && !stack->empty() ? &stack->context : nullptr);
 }
 
 absl::Status LoraHost::Fuse(const std::vector<AdapterRequest>& adapters) {

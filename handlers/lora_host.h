@@ -38,6 +38,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -167,6 +168,10 @@ class WriterPreferringSharedMutex {
   std::shared_mutex rw_;
 };
 
+// OK for 1..128 characters of [A-Za-z0-9._-] (adapter names: LoRAs, IP-Adapters);
+// INVALID_ARGUMENT naming the problem otherwise.
+absl::Status ValidateAdapterName(const std::string& name);
+
 class LoraHost {
  public:
   // `model` must not be used by others while the host lives (the host swaps its parameters when
@@ -208,6 +213,16 @@ class LoraHost {
   // snapshot).
   absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs,
                                         const AdapterStack* stack = nullptr) const;
+
+  // Runs `forward` with the model and the unfused adapters of `stack` (nullptr when `stack` is
+  // null or empty) under the same lock and stale-snapshot check as Forward(), for forwards that
+  // take more than named tensors (a pipeline passing per-request conditioning, e.g. an
+  // IP-Adapter, to its own model class). `forward` must only read the model. ABORTED as Forward();
+  // otherwise whatever `forward` returns.
+  using ModelForward = std::function<absl::StatusOr<torch::Tensor>(const DiffusionModel& model,
+                                                                   const LoraContext* lora)>;
+  absl::StatusOr<torch::Tensor> ForwardWith(const AdapterStack* stack,
+                                            const ModelForward& forward) const;
 
   // Makes `adapters` (with weights) the fused set, replacing any previous one; an empty list is
   // Unfuse(). Errors as for Snapshot; nothing changes on error.

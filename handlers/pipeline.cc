@@ -16,6 +16,23 @@ namespace ds {
 
 namespace fs = std::filesystem;
 
+absl::StatusOr<PromptEncoding> DiffusionPipeline::EncodePrompt(
+    const std::vector<std::string>& /*prompt*/, const std::vector<std::string>& /*prompt_2*/,
+    int64_t /*max_sequence_length*/, const std::string& field, PipelineResult* /*report*/) const {
+  return absl::FailedPreconditionError(absl::StrCat(
+      class_name(), " has no text encoders: `", field, "` cannot be encoded; send embeddings"));
+}
+
+absl::StatusOr<IPAdapterInfo> DiffusionPipeline::LoadIPAdapter(
+    const std::string& /*name*/, const std::string& /*path*/,
+    const IPAdapterLoadOptions& /*options*/) {
+  return absl::UnimplementedError(absl::StrCat(class_name(), " does not support IP-Adapters"));
+}
+
+absl::Status DiffusionPipeline::UnloadIPAdapter(const std::string& /*name*/) {
+  return absl::UnimplementedError(absl::StrCat(class_name(), " does not support IP-Adapters"));
+}
+
 PipelineRegistry& PipelineRegistry::Global() {
   static PipelineRegistry* registry = new PipelineRegistry();
   return *registry;

@@ -58,6 +58,53 @@ struct PromptCacheStats {
   int64_t capacity_entries = 0;  // PipelineOptions::prompt_cache_entries (0 = no cache)
 };
 
+// IP-Adapters (image prompts) held by a pipeline whose denoiser has an IP-Adapter mixin
+// (limits().supports_ip_adapter; models/flux/ip_adapter.h): loaded once by name, then named by
+// requests with an image (or precomputed image embeddings) and a scale.
+
+struct IPAdapterLoadOptions {
+  // A transformers CLIPVisionModelWithProjection folder (config.json + model.safetensors) that
+  // turns request images into image embeddings ("" = the pipeline's own `image_encoder/`
+  // component, if it has one; otherwise requests naming the adapter must carry image_embeds).
+  // Its images are preprocessed with the pipeline's `feature_extractor/` when it has one, else
+  // with CLIPImageProcessor(size = crop = the encoder's image_size), as diffusers'
+  // load_ip_adapter builds it. Encoders are shared by the adapters that name the same folder.
+  std::string image_encoder_path;
+  // Replace an adapter of the same name (requests already using the old one finish with it);
+  // otherwise a taken name is ALREADY_EXISTS.
+  bool replace = false;
+};
+
+struct IPAdapterInfo {
+  std::string name;
+  std::string path;    // the adapter file
+  std::string format;  // the weight layout ("xlabs", "diffusers")
+  int64_t num_tokens = 0;       // image tokens per image
+  int64_t image_embed_dim = 0;  // width of the image embeddings it takes
+  int64_t num_layers = 0;       // attention layers it conditions
+  int64_t memory_bytes = 0;     // its weights (the image encoder not included)
+  std::string image_encoder;    // the image encoder's folder ("" = none: image_embeds only)
+  int64_t image_size = 0;       // the encoder's input size (0 without an encoder)
+};
+
+// One adapter's part of a request.
+struct IPAdapterRequestInput {
+  std::string name;  // a loaded adapter
+  // Exactly one of: an RGB image [H, W, 3] uint8 (handlers/image_processing.h DecodeImageToRgb),
+  // encoded by the adapter's image encoder, or image embeddings [E] (one image), [B or 1, E] (the
+  // image encoder's output) or [B or 1, N_img, E] (E = the adapter's image_embed_dim; N_img images
+  // add one token group each); batch-1 embeddings apply to every image of the request.
+  torch::Tensor image;
+  torch::Tensor image_embeds;
+  // One scale for every conditioned layer, or one per layer (diffusers' set_ip_adapter_scale with
+  // a float or a list); finite. All zero: the adapter changes nothing (bit for bit).
+  std::vector<double> scales = {1.0};
+  // For true CFG's negative pass (optional, at most one): as diffusers' negative_ip_adapter_image
+  // (default: an all-black image of the request's size, as diffusers uses).
+  torch::Tensor negative_image;
+  torch::Tensor negative_image_embeds;
+};
+
 // One generation request. Tensors may be on any device and of any floating dtype; the pipeline
 // moves them to its transformer's dtype and device.
 struct PipelineRequest {
@@ -103,6 +150,8 @@ struct PipelineRequest {
   double guidance_scale = 3.5;
   // The request's adapter snapshot (transformer_host().Snapshot(...)); null: none.
   AdapterStackPtr adapters;
+  // Image prompts through loaded IP-Adapters (several add up); empty: none.
+  std::vector<IPAdapterRequestInput> ip_adapters;
   // Decode the latents to images (needs a VAE), and encode them as PNG (needs decode).
   bool decode = true;
   bool png = false;
@@ -143,6 +192,17 @@ struct PipelineResult {
   double encode_seconds = 0;
   int64_t prompt_cache_hits = 0;
   int64_t prompt_cache_misses = 0;
+  // Image prompts: seconds spent preprocessing and encoding request images (0 without images).
+  double image_encode_seconds = 0;
+};
+
+// A pipeline's encoding of text prompts (what its text encoders give the denoiser).
+struct PromptEncoding {
+  // [P, L, D]: the sequence embedding (Flux: T5's last hidden state).
+  torch::Tensor prompt_embeds;
+  // [P, D_pooled]: the pooled embedding (Flux: CLIP's pooler output); undefined for pipelines
+  // without one.
+  torch::Tensor pooled_prompt_embeds;
 };
 
 // What a pipeline accepts and what it assumes when a request leaves a field at its default.
@@ -169,6 +229,8 @@ struct PipelineLimits {
   // Largest PipelineRequest::max_sequence_length (Flux: 512); 0 when the pipeline has no
   // sequence text encoder setting.
   int64_t max_sequence_length_limit = 0;
+  // Whether the pipeline takes IP-Adapters (LoadIPAdapter, PipelineRequest::ip_adapters).
+  bool supports_ip_adapter = false;
 };
 
 // The pipeline's components as a report shows them.
@@ -207,6 +269,34 @@ class DiffusionPipeline {
 
   virtual PipelineLimits limits() const = 0;
   virtual PipelineDescription describe() const = 0;
+
+  // Encodes text prompts exactly as Generate does for PipelineRequest::prompt / prompt_2 /
+  // max_sequence_length (through the prompt cache), in the encoders' dtype and device.
+  // Truncations, warnings, cache counters and encode_seconds are added to `report` (may be null);
+  // `field` names the prompts in errors and reports ("prompt" or "negative_prompt").
+  // FAILED_PRECONDITION when the pipeline has no text encoders (limits().accepts_text_prompt);
+  // INVALID_ARGUMENT as Generate's for the text fields. The default: FAILED_PRECONDITION.
+  virtual absl::StatusOr<PromptEncoding> EncodePrompt(const std::vector<std::string>& prompt,
+                                                      const std::vector<std::string>& prompt_2,
+                                                      int64_t max_sequence_length,
+                                                      const std::string& field = "prompt",
+                                                      PipelineResult* report = nullptr) const;
+
+  // IP-Adapters (limits().supports_ip_adapter). Thread-safe; loading or unloading never disturbs
+  // running requests (they hold what they started with).
+  // LoadIPAdapter: reads the adapter file at `path` and (when named) the image encoder, checks
+  // them against the denoiser and each other, and stores the adapter as `name`
+  // ([A-Za-z0-9._-], 1..128). UNIMPLEMENTED for pipelines without IP-Adapter support;
+  // INVALID_ARGUMENT for a bad name, an adapter for another model (naming the key and shapes), an
+  // encoder whose embedding width differs from the adapter's; NOT_FOUND for a missing file or
+  // folder; ALREADY_EXISTS for a taken name without `replace`. On error nothing changes.
+  virtual absl::StatusOr<IPAdapterInfo> LoadIPAdapter(const std::string& name,
+                                                      const std::string& path,
+                                                      const IPAdapterLoadOptions& options);
+  // NOT_FOUND for an unknown name (UNIMPLEMENTED without support).
+  virtual absl::Status UnloadIPAdapter(const std::string& name);
+  // The loaded adapters, sorted by name.
+  virtual std::vector<IPAdapterInfo> ListIPAdapters() const { return {}; }
 
   // The prompt-embedding cache's counters (PipelineOptions::prompt_cache_entries); all zero for
   // pipelines without one. Thread-safe.

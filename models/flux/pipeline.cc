@@ -15,9 +15,12 @@
 #include "absl/strings/str_join.h"
 #include "handlers/image.h"
 #include "handlers/registry.h"
+#include "handlers/safetensors.h"
 #include "handlers/single_file.h"
+#include "handlers/tensor_checks.h"
 #include "handlers/status.h"
 #include "models/flux/latents.h"
+#include "models/flux/transformer.h"
 
 namespace ds::flux {
 namespace {
@@ -145,6 +148,30 @@ absl::StatusOr<std::shared_ptr<const TextEncoder>> LoadTextEncoder(
     model = std::move(loaded->model);
   }
   return AsTextEncoder(std::move(model), component, path);
+}
+
+// An image encoder from a transformers folder (class from `class_name`, else its config.json),
+// sharing the model's ownership; INVALID_ARGUMENT naming `what` when the class is not one.
+absl::StatusOr<std::shared_ptr<const ImageEncoder>> LoadImageEncoder(const std::string& what,
+                                                                    const std::string& path,
+                                                                    const ModelOptions& options,
+                                                                    const std::string& class_name) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) {
+    return absl::NotFoundError(absl::StrCat(what, ": folder ", path, " does not exist"));
+  }
+  auto loaded = LoadModelFromFolder(path, options, class_name);
+  if (!loaded.ok()) return Annotate(loaded.status(), what);
+  std::unique_ptr<DiffusionModel> model = std::move(loaded).value();
+  const auto* encoder = dynamic_cast<const ImageEncoder*>(model.get());
+  if (encoder == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " (", model->class_name(), " from ", path,
+        ") is not an image encoder (it does not implement ImageEncoder), so it cannot encode "
+        "images"));
+  }
+  std::shared_ptr<const DiffusionModel> owner(std::move(model));
+  return std::shared_ptr<const ImageEncoder>(owner, encoder);
 }
 
 absl::StatusOr<std::shared_ptr<const tokenizers::Tokenizer>> LoadTokenizer(
@@ -359,6 +386,10 @@ PipelineLimits FluxPipeline::limits() const {
                           components_.text_encoder_2 != nullptr &&
                           components_.tokenizer != nullptr && components_.tokenizer_2 != nullptr;
   l.max_sequence_length_limit = kMaxSequenceLengthLimit;
+  // The transformer's IP-Adapter mixin is what the pipeline drives: supported when the registry
+  // spec of its class wires one (the `_supports_ip_adapter` row).
+  auto spec = ModelRegistry::Global().Find(components_.transformer->model().class_name());
+  l.supports_ip_adapter = spec.ok() && (*spec)->ip_adapter != nullptr;
   return l;
 }
 
@@ -382,6 +413,13 @@ PipelineDescription FluxPipeline::describe() const {
   }
   if (components_.tokenizer_2 != nullptr) {
     d.classes["tokenizer_2"] = TokenizerClassName(*components_.tokenizer_2);
+  }
+  if (components_.image_encoder != nullptr) {
+    const auto* model = dynamic_cast<const DiffusionModel*>(components_.image_encoder.get());
+    d.classes["image_encoder"] = model != nullptr ? model->class_name() : "ImageEncoder";
+  }
+  if (components_.feature_extractor.has_value()) {
+    d.classes["feature_extractor"] = "CLIPImageProcessor";
   }
   d.classes["scheduler"] = kSchedulerClassName;
   d.sources = components_.sources;
@@ -425,8 +463,8 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromPretrained(
     if (!e.present) continue;
     const bool text = key == "text_encoder" || key == "text_encoder_2" || key == "tokenizer" ||
                       key == "tokenizer_2";
-    if (key == "transformer" || key == "vae" || key == "scheduler" ||
-        (text && options.load_text_encoders)) {
+    if (key == "transformer" || key == "vae" || key == "scheduler" || key == "image_encoder" ||
+        key == "feature_extractor" || (text && options.load_text_encoders)) {
       entries[key] = e;
     } else {
       c.not_loaded[key] = absl::StrCat(
@@ -507,6 +545,21 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::FromPretrained(
       ASSIGN_OR_RETURN(*target, LoadTokenizer(key, subfolder(key)));
       c.sources[key] = subfolder(key);
     }
+  }
+
+  // The image encoder of IP-Adapters and its preprocessing.
+  if (auto it = entries.find("image_encoder"); it != entries.end()) {
+    ASSIGN_OR_RETURN(c.image_encoder,
+                     LoadImageEncoder("component 'image_encoder'", subfolder("image_encoder"),
+                                      options.model, it->second.class_name));
+    c.sources["image_encoder"] = subfolder("image_encoder");
+  }
+  if (entries.count("feature_extractor") != 0) {
+    const std::string file = (root / "feature_extractor" / "preprocessor_config.json").string();
+    auto processor = ClipImageProcessorConfig::FromFile(file);
+    if (!processor.ok()) return Annotate(processor.status(), "component 'feature_extractor'");
+    c.feature_extractor = *processor;
+    c.sources["feature_extractor"] = subfolder("feature_extractor");
   }
 
   // Scheduler config.
@@ -641,7 +694,7 @@ absl::StatusOr<CachedPromptEncoding> FluxPipeline::EncodeOne(
   return encoding;
 }
 
-absl::StatusOr<FluxPipeline::EncodedPrompts> FluxPipeline::EncodePrompt(
+absl::StatusOr<PromptEncoding> FluxPipeline::EncodePrompt(
     const std::vector<std::string>& prompt, const std::vector<std::string>& prompt_2,
     int64_t max_sequence_length, const std::string& field, PipelineResult* report) const {
   const auto start = Clock::now();
@@ -877,6 +930,34 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
   }
   const int64_t batch = prompts * request.num_images_per_prompt;
 
+  // IP-Adapter image prompts (diffusers' prepare_ip_adapter_image_embeds), encoded once per
+  // request; the negative pass gets its own (a black image by default) only when true CFG runs.
+  FluxIPAdapterConditioning ip, negative_ip;
+  if (!request.ip_adapters.empty()) {
+    ASSIGN_OR_RETURN(ip, PrepareIPAdapters(request, height, width, batch, /*negative=*/false,
+                                           &result));
+    if (do_true_cfg) {
+      ASSIGN_OR_RETURN(negative_ip, PrepareIPAdapters(request, height, width, batch,
+                                                      /*negative=*/true, &result));
+    }
+  }
+  // One transformer forward under the request's LoRA snapshot, with IP-Adapter conditioning when
+  // any adapter has a non-zero scale (otherwise exactly the plain forward).
+  auto transformer_forward = [&](const TensorMap& in, const FluxIPAdapterConditioning& cond)
+      -> absl::StatusOr<torch::Tensor> {
+    if (!cond.active()) return host.Forward(in, request.adapters.get());
+    return host.ForwardWith(
+        request.adapters.get(),
+        [&](const DiffusionModel& model, const LoraContext* lora) -> absl::StatusOr<torch::Tensor> {
+          const auto* flux = dynamic_cast<const FluxTransformer*>(&model);
+          if (flux == nullptr) {
+            return absl::InternalError(absl::StrCat(
+                "the transformer (", model.class_name(), ") has no IP-Adapter forward"));
+          }
+          return flux->ForwardWithIPAdapter(in, lora, &cond);
+        });
+  };
+
   // 2-3. Latents (noise), ids, embeddings on the model's dtype and device.
   ASSIGN_OR_RETURN(const std::vector<int64_t> latent_shape,
                    LatentShape(batch, num_channels_latents(), height, width, s));
@@ -971,11 +1052,11 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
                      }));
     inputs["hidden_states"] = x;
     inputs["timestep"] = timestep;
-    ASSIGN_OR_RETURN(torch::Tensor v, host.Forward(inputs, request.adapters.get()));
+    ASSIGN_OR_RETURN(torch::Tensor v, transformer_forward(inputs, ip));
     if (do_true_cfg) {
       negative_inputs["hidden_states"] = x;
       negative_inputs["timestep"] = timestep;
-      ASSIGN_OR_RETURN(torch::Tensor v_neg, host.Forward(negative_inputs, request.adapters.get()));
+      ASSIGN_OR_RETURN(torch::Tensor v_neg, transformer_forward(negative_inputs, negative_ip));
       ASSIGN_OR_RETURN(
           v, TorchCall("true CFG", [&] { return v_neg + request.true_cfg_scale * (v - v_neg); }));
     }
@@ -1018,6 +1099,196 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
   }
   result.decode_seconds = SecondsSince(decode_start);
   return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// IP-Adapters
+
+absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& name,
+                                                          const std::string& path,
+                                                          const IPAdapterLoadOptions& options) {
+  RETURN_IF_ERROR(ValidateAdapterName(name));
+  if (!limits().supports_ip_adapter) {
+    return absl::UnimplementedError(
+        absl::StrCat(components_.transformer->model().class_name(),
+                     " has no IP-Adapter support wired in this build"));
+  }
+  {
+    std::lock_guard lock(ip_mu_);
+    if (!options.replace && ip_adapters_.count(name) != 0) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "IP-Adapter '", name, "' is already loaded (set replace to replace it)"));
+    }
+  }
+  const ModelOptions& mo = components_.transformer->model().options();
+  ASSIGN_OR_RETURN(FluxIPAdapterPtr adapter,
+                   FluxIPAdapter::Load(path, transformer_config_, mo.dtype, mo.device));
+
+  auto entry = std::make_shared<IPAdapterEntry>();
+  entry->adapter = adapter;
+  std::string encoder_key;
+  if (!options.image_encoder_path.empty()) {
+    std::error_code ec;
+    encoder_key = fs::weakly_canonical(options.image_encoder_path, ec).string();
+    if (ec) encoder_key = options.image_encoder_path;
+    {
+      std::lock_guard lock(ip_mu_);
+      if (auto it = image_encoders_.find(encoder_key); it != image_encoders_.end()) {
+        entry->encoder = it->second.lock();
+      }
+    }
+    if (entry->encoder == nullptr) {
+      ASSIGN_OR_RETURN(entry->encoder, LoadImageEncoder("image encoder",
+                                                        options.image_encoder_path, mo, ""));
+    }
+    entry->info.image_encoder = options.image_encoder_path;
+  } else if (components_.image_encoder != nullptr) {
+    entry->encoder = components_.image_encoder;
+    auto it = components_.sources.find("image_encoder");
+    entry->info.image_encoder = it != components_.sources.end() ? it->second : "image_encoder";
+  }
+  if (entry->encoder != nullptr) {
+    if (entry->encoder->image_embed_dim() != adapter->image_embed_dim()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the image encoder ", entry->info.image_encoder, " gives image_embeds of width ",
+          entry->encoder->image_embed_dim(), " but the IP-Adapter ", path,
+          " takes image embeddings of width ", adapter->image_embed_dim(),
+          " (its image projection's input); use the image encoder it was trained with"));
+    }
+    // diffusers: the pipeline's feature_extractor, else CLIPImageProcessor(size = crop_size =
+    // image_encoder.config.image_size).
+    entry->processor = components_.feature_extractor.value_or(
+        ClipImageProcessorConfig::ForImageSize(entry->encoder->image_size()));
+    entry->info.image_size = entry->encoder->image_size();
+  }
+  entry->info.name = name;
+  entry->info.path = path;
+  entry->info.format = adapter->format();
+  entry->info.num_tokens = adapter->num_tokens();
+  entry->info.image_embed_dim = adapter->image_embed_dim();
+  entry->info.num_layers = adapter->num_layers();
+  entry->info.memory_bytes = adapter->memory_bytes();
+  const IPAdapterInfo info = entry->info;
+
+  std::lock_guard lock(ip_mu_);
+  if (!options.replace && ip_adapters_.count(name) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "IP-Adapter '", name, "' is already loaded (set replace to replace it)"));
+  }
+  if (!encoder_key.empty()) image_encoders_[encoder_key] = entry->encoder;
+  ip_adapters_[name] = std::move(entry);
+  for (auto it = image_encoders_.begin(); it != image_encoders_.end();) {
+    it = it->second.expired() ? image_encoders_.erase(it) : std::next(it);
+  }
+  return info;
+}
+
+absl::Status FluxPipeline::UnloadIPAdapter(const std::string& name) {
+  std::lock_guard lock(ip_mu_);
+  if (ip_adapters_.erase(name) == 0) {
+    return absl::NotFoundError(absl::StrCat("IP-Adapter '", name, "' is not loaded"));
+  }
+  for (auto it = image_encoders_.begin(); it != image_encoders_.end();) {
+    it = it->second.expired() ? image_encoders_.erase(it) : std::next(it);
+  }
+  return absl::OkStatus();
+}
+
+std::vector<IPAdapterInfo> FluxPipeline::ListIPAdapters() const {
+  std::lock_guard lock(ip_mu_);
+  std::vector<IPAdapterInfo> out;
+  for (const auto& [name, entry] : ip_adapters_) out.push_back(entry->info);
+  return out;
+}
+
+absl::StatusOr<FluxIPAdapterConditioning> FluxPipeline::PrepareIPAdapters(
+    const PipelineRequest& request, int64_t height, int64_t width, int64_t batch, bool negative,
+    PipelineResult* report) const {
+  const auto start = Clock::now();
+  bool encoded_any = false;
+  FluxIPAdapterConditioning conditioning;
+  for (size_t i = 0; i < request.ip_adapters.size(); ++i) {
+    const IPAdapterRequestInput& in = request.ip_adapters[i];
+    const std::string field = absl::StrCat("ip_adapters[", i, "]");
+    std::shared_ptr<const IPAdapterEntry> entry;
+    {
+      std::lock_guard lock(ip_mu_);
+      if (auto it = ip_adapters_.find(in.name); it != ip_adapters_.end()) entry = it->second;
+      if (entry == nullptr) {
+        std::vector<std::string> names;
+        for (const auto& [name, e] : ip_adapters_) names.push_back(name);
+        return absl::NotFoundError(absl::StrCat(
+            field, ".name: IP-Adapter '", in.name, "' is not loaded (loaded: ",
+            names.empty() ? "none" : absl::StrJoin(names, ", "), ")"));
+      }
+    }
+    for (const auto& [image, embeds, prefix] :
+         {std::tuple<const torch::Tensor*, const torch::Tensor*, const char*>{
+              &in.image, &in.image_embeds, ""},
+          {&in.negative_image, &in.negative_image_embeds, "negative_"}}) {
+      if (image->defined() && embeds->defined()) {
+        return absl::InvalidArgumentError(absl::StrCat(field, ": ", prefix, "image and ", prefix,
+                                                       "image_embeds are both given; give one"));
+      }
+    }
+    const bool has_positive = in.image.defined() || in.image_embeds.defined();
+    const bool has_negative = in.negative_image.defined() || in.negative_image_embeds.defined();
+    if (!has_positive && !has_negative) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": needs an image or image_embeds (the image prompt)"));
+    }
+    torch::Tensor image = negative ? in.negative_image : in.image;
+    torch::Tensor embeds = negative ? in.negative_image_embeds : in.image_embeds;
+    if (!image.defined() && !embeds.defined()) {
+      // diffusers: the missing side of the pair is np.zeros((width, height, 3), uint8), a black
+      // image (of width rows and height columns, as diffusers writes it).
+      ASSIGN_OR_RETURN(image, TorchCall("black IP-Adapter image", [&] {
+                         return torch::zeros({width, height, 3}, torch::kUInt8);
+                       }));
+    }
+    const std::string which = absl::StrCat(field, negative ? ".negative_" : ".");
+    if (image.defined()) {
+      if (entry->encoder == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            which, "image: IP-Adapter '", in.name,
+            "' was loaded without an image encoder (and the pipeline has no image_encoder "
+            "component); send image_embeds or load it with an image encoder"));
+      }
+      auto pixels = ClipPixelValues(image.cpu(), entry->processor);
+      if (!pixels.ok()) return Annotate(pixels.status(), which + "image");
+      auto encoded = entry->encoder->EncodeImages(*pixels);
+      if (!encoded.ok()) return Annotate(encoded.status(), which + "image");
+      embeds = *encoded;  // [1, E]: one image for the whole batch (diffusers concatenates copies)
+      encoded_any = true;
+    } else {
+      if (!embeds.is_floating_point() || embeds.dim() < 1 || embeds.dim() > 3) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            which, "image_embeds: expected floating [E], [B or 1, E] or [B or 1, N_img, E], got ",
+            std::string(c10::toString(embeds.scalar_type())), " ", ShapeString(embeds.sizes())));
+      }
+      ASSIGN_OR_RETURN(bool finite, AllFinite(embeds));
+      if (!finite) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(which, "image_embeds: contains NaN or infinite values"));
+      }
+      if (embeds.dim() == 1) embeds = embeds.view({1, embeds.size(0)});
+    }
+    const FluxIPAdapter& adapter = *entry->adapter;
+    ASSIGN_OR_RETURN(torch::Tensor e, TorchCall("IP-Adapter image embeddings", [&] {
+                       return embeds.to(adapter.device(), adapter.dtype());
+                     }));
+    FluxIPAdapterInput input;
+    input.adapter = entry->adapter;
+    input.image_embeds = e;
+    input.scales = in.scales;
+    conditioning.adapters.push_back(std::move(input));
+  }
+  absl::Status valid = ValidateIPAdapterConditioning(conditioning, transformer_config_, batch);
+  if (!valid.ok()) {
+    return Annotate(valid, negative ? "ip_adapters (negative pass)" : "ip_adapters");
+  }
+  if (encoded_any && report != nullptr) report->image_encode_seconds += SecondsSince(start);
+  return conditioning;
 }
 
 }  // namespace ds::flux

@@ -19,6 +19,10 @@
 //   5. guidance = full([1], guidance_scale, float32).expand(B) only when the transformer has
 //      guidance_embeds (otherwise accepted, ignored and reported as not applied, as diffusers
 //      ignores it);
+//   5b. IP-Adapter image prompts (request.ip_adapters, adapters loaded with LoadIPAdapter):
+//      image_embeds = image_encoder(feature_extractor(image)).image_embeds once per request
+//      (or the caller's image_embeds), passed to every step with each adapter's scale; for true
+//      CFG the negative pass gets negative_image (default: a black image, as diffusers);
 //   6. per step: timestep = t.expand(B).to(dtype) / 1000; v = transformer(...); with true CFG
 //      (true_cfg_scale > 1 and negative embeddings) v = v_neg + true_cfg_scale * (v - v_neg);
 //      latents = scheduler.step(v, t, latents);
@@ -34,8 +38,9 @@
 // Components are shared_ptrs, so pipelines can share identical ones (pass them in
 // FluxPipelineLoadOptions or FluxPipelineComponents).
 //
-// Thread-safety: a FluxPipeline is immutable after creation apart from its prompt cache, which is
-// internally synchronized; Generate() may run concurrently from many threads (each call builds
+// Thread-safety: a FluxPipeline is immutable after creation apart from its prompt cache and its
+// IP-Adapter store, which are internally synchronized (a request holds the adapters it started
+// with); Generate() may run concurrently from many threads (each call builds
 // its own scheduler; the transformer, VAE, tokenizers and text encoders are only read). Adapter
 // loading/fusing on the shared LoraHost is safe meanwhile (see lora_host.h).
 #pragma once
@@ -44,6 +49,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -53,6 +59,8 @@
 #include "handlers/flow_match.h"
 #include "handlers/flow_match_scheduler.h"
 #include "handlers/image_decoder.h"
+#include "handlers/image_encoder.h"
+#include "handlers/image_processing.h"
 #include "handlers/lora_host.h"
 #include "handlers/model.h"
 #include "handlers/pipeline.h"
@@ -60,6 +68,7 @@
 #include "handlers/text_encoder.h"
 #include "handlers/tokenizers/tokenizer.h"
 #include "models/flux/config.h"
+#include "models/flux/ip_adapter.h"
 
 namespace ds::flux {
 
@@ -82,6 +91,12 @@ struct FluxPipelineComponents {
   std::shared_ptr<const tokenizers::Tokenizer> tokenizer_2;
   std::shared_ptr<const TextEncoder> text_encoder_2;
   FlowMatchEulerConfig scheduler;
+  // Optional: the image encoder IP-Adapters use by default (model_index.json's `image_encoder`,
+  // e.g. CLIPVisionModelWithProjection, reached through handlers/image_encoder.h) and its
+  // preprocessing (`feature_extractor/preprocessor_config.json`; unset: CLIPImageProcessor sized
+  // to the encoder, as diffusers' load_ip_adapter builds it).
+  std::shared_ptr<const ImageEncoder> image_encoder;
+  std::optional<ClipImageProcessorConfig> feature_extractor;
   // Components listed by the source but not loaded: name -> why (e.g. "image_encoder" ->
   // "CLIPVisionModelWithProjection (transformers): this component is not supported yet").
   std::map<std::string, std::string> not_loaded;
@@ -213,21 +228,30 @@ class FluxPipeline : public DiffusionPipeline {
   PipelineDescription describe() const override;
   PromptCacheStats prompt_cache_stats() const override { return prompt_cache_->stats(); }
 
+  // IP-Adapters (models/flux/ip_adapter.h), see handlers/pipeline.h. The adapter is loaded in the
+  // transformer's dtype and on its device, checked against its config (an adapter for another
+  // width is INVALID_ARGUMENT naming the key and shapes); the image encoder comes from
+  // `options.image_encoder_path` (a folder loaded through the registry, which must implement
+  // ImageEncoder; folders are shared between adapters while loaded), else the pipeline's
+  // `image_encoder` component, else none. INVALID_ARGUMENT when the encoder's image_embed_dim is
+  // not the adapter's.
+  absl::StatusOr<IPAdapterInfo> LoadIPAdapter(const std::string& name, const std::string& path,
+                                              const IPAdapterLoadOptions& options) override;
+  absl::Status UnloadIPAdapter(const std::string& name) override;
+  std::vector<IPAdapterInfo> ListIPAdapters() const override;
+
   // Text prompts as diffusers' FluxPipeline.encode_prompt computes them (see the file comment):
   // prompt_embeds [P, max_sequence_length, joint_attention_dim] and pooled_prompt_embeds
   // [P, pooled_projection_dim] in the encoders' dtype and device, through the prompt cache;
   // truncations, warnings, cache counters and encode_seconds are added to `report` (may be null).
   // `field` names the prompts in errors and reports ("prompt" or "negative_prompt"). Errors as
   // Generate's for the text fields.
-  struct EncodedPrompts {
-    torch::Tensor prompt_embeds;
-    torch::Tensor pooled_prompt_embeds;
-  };
-  absl::StatusOr<EncodedPrompts> EncodePrompt(const std::vector<std::string>& prompt,
+  using EncodedPrompts = PromptEncoding;
+  absl::StatusOr<PromptEncoding> EncodePrompt(const std::vector<std::string>& prompt,
                                               const std::vector<std::string>& prompt_2,
                                               int64_t max_sequence_length,
                                               const std::string& field = "prompt",
-                                              PipelineResult* report = nullptr) const;
+                                              PipelineResult* report = nullptr) const override;
 
   const FluxPipelineComponents& components() const { return components_; }
   const FluxConfig& transformer_config() const { return transformer_config_; }
@@ -257,11 +281,31 @@ class FluxPipeline : public DiffusionPipeline {
                                                  const std::string& text, int64_t max_length,
                                                  bool pooled, PipelineResult* report) const;
 
+  // The IP-Adapter conditioning of a request (positive or, for true CFG, negative), with
+  // diffusers' prepare_ip_adapter_image_embeds semantics; INVALID_ARGUMENT / NOT_FOUND /
+  // FAILED_PRECONDITION naming `ip_adapters[i]` and the field. Adds image-encoding time to
+  // `report`.
+  struct IPAdapterEntry {
+    FluxIPAdapterPtr adapter;
+    std::shared_ptr<const ImageEncoder> encoder;  // may be null: image_embeds only
+    ClipImageProcessorConfig processor;
+    IPAdapterInfo info;
+  };
+  absl::StatusOr<FluxIPAdapterConditioning> PrepareIPAdapters(const PipelineRequest& request,
+                                                              int64_t height, int64_t width,
+                                                              int64_t batch, bool negative,
+                                                              PipelineResult* report) const;
+
   FluxPipelineComponents components_;
   FluxConfig transformer_config_;
   FluxPipelineOptions options_;
   int64_t vae_scale_factor_;
   std::unique_ptr<PromptEmbeddingCache> prompt_cache_;  // never null
+
+  mutable std::mutex ip_mu_;
+  std::map<std::string, std::shared_ptr<const IPAdapterEntry>> ip_adapters_;  // guarded by ip_mu_
+  // Image encoders loaded by LoadIPAdapter, by folder, while some adapter uses them.
+  std::map<std::string, std::weak_ptr<const ImageEncoder>> image_encoders_;  // guarded by ip_mu_
 };
 
 }  // namespace ds::flux
