@@ -499,7 +499,7 @@ absl::StatusOr<torch::Tensor> ClipPixelValues(const torch::Tensor& rgb,
   return p.pixel_values.unsqueeze(0);
 }
 
-absl::StatusOr<torch::Tensor> DecodeImageToRgb(std::string_view bytes) {
+absl::StatusOr<torch::Tensor> DecodeImageToRgb(std::string_view bytes, int64_t max_pixels) {
   static constexpr unsigned char kPngSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   if (bytes.size() < 8 || std::memcmp(bytes.data(), kPngSignature, 8) != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -517,6 +517,13 @@ absl::StatusOr<torch::Tensor> DecodeImageToRgb(std::string_view bytes) {
     png_image_free(&image);
     return absl::InvalidArgumentError(
         absl::StrCat("DecodeImageToRgb: unsupported size ", image.width, " x ", image.height));
+  }
+  if (max_pixels > 0 &&
+      static_cast<int64_t>(image.width) * static_cast<int64_t>(image.height) > max_pixels) {
+    png_image_free(&image);
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeImageToRgb: a ", image.width, " x ", image.height,
+                     " image exceeds the limit of ", max_pixels, " pixels"));
   }
   // 8-bit RGBA output of the simplified reader is not premultiplied, so dropping the alpha
   // channel afterwards is PIL's RGBA -> RGB conversion.

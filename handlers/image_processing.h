@@ -132,7 +132,9 @@ absl::StatusOr<torch::Tensor> ClipPixelValues(const torch::Tensor& rgb,
 // expanded). INVALID_ARGUMENT for bytes that are not a supported image ("not a PNG image") or a
 // corrupt one, naming the decoder's complaint. Differences from PIL, by design of libpng's
 // simplified reader: 16-bit samples are rounded to 8 bits (PIL truncates: at most one level), and
-// a gAMA chunk far from sRGB is converted to sRGB (PIL ignores it).
-absl::StatusOr<torch::Tensor> DecodeImageToRgb(std::string_view bytes);
+// a gAMA chunk far from sRGB is converted to sRGB (PIL ignores it). With `max_pixels` > 0, an
+// image of more pixels is INVALID_ARGUMENT (naming its size) before anything is decoded, so a
+// small file cannot expand into a huge buffer.
+absl::StatusOr<torch::Tensor> DecodeImageToRgb(std::string_view bytes, int64_t max_pixels = 0);
 
 }  // namespace ds

@@ -279,5 +279,14 @@ TEST(DecodeImageToRgbTest, RejectsUndecodableBytes) {
   EXPECT_EQ(DecodeImageToRgb("").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(DecodeImageToRgbTest, PixelLimitIsCheckedBeforeDecoding) {
+  const std::string png = EncodeRgbaPng(torch::zeros({20, 30, 4}, torch::kUInt8));
+  EXPECT_TRUE(DecodeImageToRgb(png, 600).ok());
+  auto over = DecodeImageToRgb(png, 599);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(over.status().message()), HasSubstr("30 x 20"));
+  EXPECT_THAT(std::string(over.status().message()), HasSubstr("599 pixels"));
+}
+
 }  // namespace
 }  // namespace ds

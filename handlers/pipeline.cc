@@ -25,11 +25,11 @@ absl::StatusOr<PromptEncoding> DiffusionPipeline::EncodePrompt(
 
 absl::StatusOr<IPAdapterInfo> DiffusionPipeline::LoadIPAdapter(
     const std::string& /*name*/, const std::string& /*path*/,
-    const IPAdapterLoadOptions& /*options*/) {
+    const IPAdapterLoadOptions& /*options*/) const {
   return absl::UnimplementedError(absl::StrCat(class_name(), " does not support IP-Adapters"));
 }
 
-absl::Status DiffusionPipeline::UnloadIPAdapter(const std::string& /*name*/) {
+absl::Status DiffusionPipeline::UnloadIPAdapter(const std::string& /*name*/) const {
   return absl::UnimplementedError(absl::StrCat(class_name(), " does not support IP-Adapters"));
 }
 

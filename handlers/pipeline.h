@@ -73,6 +73,10 @@ struct IPAdapterLoadOptions {
   // Replace an adapter of the same name (requests already using the old one finish with it);
   // otherwise a taken name is ALREADY_EXISTS.
   bool replace = false;
+  // What IPAdapterInfo::path / image_encoder report (e.g. the client's root-relative paths);
+  // "" = the paths themselves.
+  std::string source;
+  std::string image_encoder_source;
 };
 
 struct IPAdapterInfo {
@@ -83,7 +87,9 @@ struct IPAdapterInfo {
   int64_t image_embed_dim = 0;  // width of the image embeddings it takes
   int64_t num_layers = 0;       // attention layers it conditions
   int64_t memory_bytes = 0;     // its weights (the image encoder not included)
-  std::string image_encoder;    // the image encoder's folder ("" = none: image_embeds only)
+  // The image encoder's folder (or "image_encoder" for the pipeline's own component; "" = none:
+  // requests give image_embeds).
+  std::string image_encoder;
   int64_t image_size = 0;       // the encoder's input size (0 without an encoder)
 };
 
@@ -282,8 +288,9 @@ class DiffusionPipeline {
                                                       const std::string& field = "prompt",
                                                       PipelineResult* report = nullptr) const;
 
-  // IP-Adapters (limits().supports_ip_adapter). Thread-safe; loading or unloading never disturbs
-  // running requests (they hold what they started with).
+  // IP-Adapters (limits().supports_ip_adapter). Thread-safe, and const like the prompt cache: the
+  // adapter store is internally synchronized state that never changes the pipeline's weights;
+  // loading or unloading never disturbs running requests (they hold what they started with).
   // LoadIPAdapter: reads the adapter file at `path` and (when named) the image encoder, checks
   // them against the denoiser and each other, and stores the adapter as `name`
   // ([A-Za-z0-9._-], 1..128). UNIMPLEMENTED for pipelines without IP-Adapter support;
@@ -292,9 +299,9 @@ class DiffusionPipeline {
   // folder; ALREADY_EXISTS for a taken name without `replace`. On error nothing changes.
   virtual absl::StatusOr<IPAdapterInfo> LoadIPAdapter(const std::string& name,
                                                       const std::string& path,
-                                                      const IPAdapterLoadOptions& options);
+                                                      const IPAdapterLoadOptions& options) const;
   // NOT_FOUND for an unknown name (UNIMPLEMENTED without support).
-  virtual absl::Status UnloadIPAdapter(const std::string& name);
+  virtual absl::Status UnloadIPAdapter(const std::string& name) const;
   // The loaded adapters, sorted by name.
   virtual std::vector<IPAdapterInfo> ListIPAdapters() const { return {}; }
 

@@ -17,7 +17,8 @@
 
 namespace ds::server {
 
-// How management RPCs (LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA) are authorized.
+// How management RPCs (LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA, LoadIPAdapter,
+// UnloadIPAdapter) are authorized.
 // One of three modes:
 //   token     - every management call must carry `authorization: Bearer <token>`;
 //   insecure  - every management call is allowed (operator passed --insecure_allow_management);

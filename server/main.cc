@@ -44,7 +44,8 @@ ABSL_FLAG(int, metrics_port, kDefaults.metrics_port,
           "Prometheus /metrics port; 0 picks a free port (printed on stdout), -1 disables it");
 ABSL_FLAG(std::string, admin_token_file, "",
           "File holding the admin bearer token that management RPCs (LoadSingleFile, "
-          "UnloadModel, LoadLoRA, UnloadLoRA) must send as `authorization: Bearer <token>`");
+          "UnloadModel, LoadLoRA, UnloadLoRA, LoadIPAdapter, UnloadIPAdapter) must send as "
+          "`authorization: Bearer <token>`");
 ABSL_FLAG(bool, insecure_allow_management, false,
           "Allow management RPCs without a token (only without --admin_token_file; for local "
           "development)");

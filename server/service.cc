@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "handlers/flow_match.h"
+#include "handlers/image_processing.h"
 #include "handlers/model_metadata.h"
 #include "handlers/pipeline.h"
 #include "handlers/registry.h"
@@ -77,6 +78,18 @@ void FillLoRAInfo(const AdapterInfo& info, pb::LoRAInfo* out) {
   out->set_fused(info.fused);
   out->set_users(info.users);
   out->set_default_weight(info.default_weight);
+}
+
+void FillIPAdapterInfo(const IPAdapterInfo& info, pb::IPAdapterInfo* out) {
+  out->set_name(info.name);
+  out->set_path(info.path);
+  out->set_format(info.format);
+  out->set_num_tokens(info.num_tokens);
+  out->set_image_embed_dim(info.image_embed_dim);
+  out->set_num_layers(info.num_layers);
+  out->set_memory_bytes(info.memory_bytes);
+  out->set_image_encoder(info.image_encoder);
+  out->set_image_size(info.image_size);
 }
 
 void FillLoRAReport(const LoraReport& report, pb::LoRAReport* out) {
@@ -217,6 +230,15 @@ struct DiffusionService::GenerateJob {
   // Pipeline instances: the request (adapters are set from `stack` when it runs), what to return
   // and the resolved size.
   PipelineRequest pipeline_request;
+  // IP-Adapter images as sent (PNG bytes), decoded by the worker (never on the gRPC thread) into
+  // pipeline_request.ip_adapters[index].image / negative_image.
+  struct IPImage {
+    size_t index = 0;
+    bool negative = false;
+    std::string bytes;
+  };
+  std::vector<IPImage> ip_images;
+  int64_t max_ip_image_pixels = 0;
   bool want_png = false;
   bool want_latents = false;
   int64_t width = 0;
@@ -414,6 +436,9 @@ void DiffusionService::FillInstance(const InstanceStatus& status, pb::ModelInsta
     }
   }
   if (inst->pipeline != nullptr) {
+    for (const IPAdapterInfo& a : inst->pipeline->ListIPAdapters()) {
+      FillIPAdapterInfo(a, out->add_ip_adapters());
+    }
     out->set_pipeline_class(inst->pipeline->class_name());
     const PipelineDescription d = inst->pipeline->describe();
     for (const auto& [name, class_name] : d.classes) {
@@ -517,6 +542,7 @@ absl::Status DiffusionService::DoGetMetadata(const pb::GetMetadataRequest& reque
     out->set_guidance_embeds(l.guidance_embeds);
     out->set_accepts_text_prompt(l.accepts_text_prompt);
     out->set_max_sequence_length(l.accepts_text_prompt ? l.max_sequence_length_limit : 0);
+    out->set_supports_ip_adapter(l.supports_ip_adapter);
   }
   return absl::OkStatus();
 }
@@ -641,6 +667,93 @@ grpc::ServerUnaryReactor* DiffusionService::UnloadModel(grpc::CallbackServerCont
     log->mark_model_known();
     if (metrics_ != nullptr) metrics_->ForgetModel(request->name());
     return absl::OkStatus();
+  });
+}
+
+absl::Status DiffusionService::DoLoadIPAdapter(const pb::LoadIPAdapterRequest& request,
+                                               pb::LoadIPAdapterResponse* response, CallLog* log) {
+  ASSIGN_OR_RETURN(std::string model, ResolveModelName(request.model(), "model"));
+  log->set_model(model);
+  log->set_adapters({request.name()});
+  RETURN_IF_ERROR(Annotate(ValidateAdapterName(request.name()), "name"));
+  ASSIGN_OR_RETURN(InstancePtr inst, models_->Get(model));
+  log->mark_model_known();
+  if (inst->pipeline == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model: '", model, "' is a bare ", inst->spec->class_name,
+        " instance; IP-Adapters need a pipeline instance (a pipeline folder with "
+        "model_index.json)"));
+  }
+  if (!inst->pipeline->limits().supports_ip_adapter) {
+    return absl::UnimplementedError(absl::StrCat("model: '", model, "' (",
+                                                 inst->pipeline->class_name(),
+                                                 ") does not take IP-Adapters"));
+  }
+  if (request.path().empty()) return absl::InvalidArgumentError("path: required");
+  if (options_.adapter_root.empty()) {
+    return absl::FailedPreconditionError(
+        "path: the server has no --adapter_root, so it loads no server-side adapters");
+  }
+  ASSIGN_OR_RETURN(std::string path,
+                   ConfinePath(options_.adapter_root, request.path(), "--adapter_root"));
+  IPAdapterLoadOptions options;
+  options.replace = request.replace();
+  options.source = request.path();
+  options.image_encoder_source = request.image_encoder_path();
+  std::vector<std::pair<std::string, std::string>> shown = {{path, request.path()}};
+  if (!request.image_encoder_path().empty()) {
+    if (options_.model_root.empty()) {
+      return absl::FailedPreconditionError(
+          "image_encoder_path: the server has no --model_root, so it loads no server-side "
+          "models");
+    }
+    ASSIGN_OR_RETURN(options.image_encoder_path,
+                     ConfinePath(options_.model_root, request.image_encoder_path(),
+                                 "--model_root"));
+    shown.emplace_back(options.image_encoder_path, request.image_encoder_path());
+  }
+  bool replaced = false;
+  for (const IPAdapterInfo& a : inst->pipeline->ListIPAdapters()) {
+    replaced = replaced || a.name == request.name();
+  }
+  const auto start = SteadyClock::now();
+  absl::StatusOr<IPAdapterInfo> info =
+      inst->pipeline->LoadIPAdapter(request.name(), path, options);
+  if (!info.ok()) {
+    return absl::Status(info.status().code(),
+                        absl::StrReplaceAll(info.status().message(), shown));
+  }
+  FillIPAdapterInfo(*info, response->mutable_adapter());
+  response->set_replaced(replaced && request.replace());
+  response->set_seconds(SecondsSince(start));
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* DiffusionService::LoadIPAdapter(grpc::CallbackServerContext* ctx,
+                                                          const pb::LoadIPAdapterRequest* request,
+                                                          pb::LoadIPAdapterResponse* response) {
+  return Management(ctx, "LoadIPAdapter", request->model(),
+                    [this, request, response](CallLog* log) {
+                      return DoLoadIPAdapter(*request, response, log);
+                    });
+}
+
+grpc::ServerUnaryReactor* DiffusionService::UnloadIPAdapter(
+    grpc::CallbackServerContext* ctx, const pb::UnloadIPAdapterRequest* request,
+    pb::UnloadIPAdapterResponse* /*response*/) {
+  return Management(ctx, "UnloadIPAdapter", request->model(), [this, request](CallLog* log) {
+    ASSIGN_OR_RETURN(std::string model, ResolveModelName(request->model(), "model"));
+    log->set_model(model);
+    log->set_adapters({request->name()});
+    if (request->name().empty()) return absl::InvalidArgumentError("name: required");
+    ASSIGN_OR_RETURN(InstancePtr inst, models_->Get(model));
+    log->mark_model_known();
+    if (inst->pipeline == nullptr) {
+      return absl::NotFoundError(absl::StrCat("IP-Adapter '", request->name(),
+                                              "' is not loaded: '", model,
+                                              "' is a bare model instance"));
+    }
+    return inst->pipeline->UnloadIPAdapter(request->name());
   });
 }
 
@@ -866,6 +979,7 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
     if (request.negative_prompt_size() > 0) pipeline_field = "negative_prompt";
     if (request.negative_prompt_2_size() > 0) pipeline_field = "negative_prompt_2";
     if (request.max_sequence_length() != 0) pipeline_field = "max_sequence_length";
+    if (request.ip_adapters_size() > 0) pipeline_field = "ip_adapters";
     if (request.width() != 0) pipeline_field = "width";
     if (request.height() != 0) pipeline_field = "height";
     if (request.num_images() != 0) pipeline_field = "num_images";
@@ -1082,6 +1196,64 @@ absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest
     job->seed = request.seed();
     r.seed = static_cast<uint64_t>(request.seed());
   }
+  // Image prompts: names, embeddings and scales here; PNG bytes are decoded by the worker.
+  if (request.ip_adapters_size() > 0 && !limits.supports_ip_adapter) {
+    return absl::UnimplementedError(absl::StrCat("ip_adapters: '", job->model_name, "' (",
+                                                 pipeline.class_name(),
+                                                 ") does not take IP-Adapters"));
+  }
+  job->max_ip_image_pixels = limits.options.max_image_side * limits.options.max_image_side;
+  for (int i = 0; i < request.ip_adapters_size(); ++i) {
+    const pb::IPAdapterInput& in = request.ip_adapters(i);
+    const std::string field = absl::StrCat("ip_adapters[", i, "]");
+    IPAdapterRequestInput ip;
+    if (in.name().empty()) return absl::InvalidArgumentError(absl::StrCat(field, ".name: required"));
+    ip.name = in.name();
+    switch (in.input_case()) {
+      case pb::IPAdapterInput::kImage:
+        if (in.image().empty()) {
+          return absl::InvalidArgumentError(absl::StrCat(field, ".image: empty"));
+        }
+        job->ip_images.push_back({static_cast<size_t>(i), false, in.image()});
+        break;
+      case pb::IPAdapterInput::kImageEmbeds: {
+        ASSIGN_OR_RETURN(ip.image_embeds,
+                         TensorFromProto(in.image_embeds(), field + ".image_embeds"));
+        break;
+      }
+      case pb::IPAdapterInput::INPUT_NOT_SET:
+        break;  // allowed with a negative image (the positive side is then black, as diffusers)
+    }
+    switch (in.negative_case()) {
+      case pb::IPAdapterInput::kNegativeImage:
+        if (in.negative_image().empty()) {
+          return absl::InvalidArgumentError(absl::StrCat(field, ".negative_image: empty"));
+        }
+        job->ip_images.push_back({static_cast<size_t>(i), true, in.negative_image()});
+        break;
+      case pb::IPAdapterInput::kNegativeImageEmbeds: {
+        ASSIGN_OR_RETURN(ip.negative_image_embeds,
+                         TensorFromProto(in.negative_image_embeds(),
+                                         field + ".negative_image_embeds"));
+        break;
+      }
+      case pb::IPAdapterInput::NEGATIVE_NOT_SET:
+        break;
+    }
+    if (in.input_case() == pb::IPAdapterInput::INPUT_NOT_SET &&
+        in.negative_case() == pb::IPAdapterInput::NEGATIVE_NOT_SET) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": set image or image_embeds (the image prompt)"));
+    }
+    if (in.scale_size() > 0) ip.scales.assign(in.scale().begin(), in.scale().end());
+    for (int j = 0; j < in.scale_size(); ++j) {
+      if (!std::isfinite(in.scale(j))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(field, ".scale[", j, "]: must be finite, got ", in.scale(j)));
+      }
+    }
+    r.ip_adapters.push_back(std::move(ip));
+  }
   switch (request.output()) {
     case pb::GenerateRequest::OUTPUT_DEFAULT:
       job->want_png = limits.can_decode;
@@ -1160,6 +1332,14 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
     if (inst.pipeline != nullptr) {
       PipelineRequest request = job.pipeline_request;
       request.adapters = job.stack;
+      for (const GenerateJob::IPImage& image : job.ip_images) {
+        const std::string field = absl::StrCat("ip_adapters[", image.index, "].",
+                                               image.negative ? "negative_image" : "image");
+        absl::StatusOr<torch::Tensor> rgb = DecodeImageToRgb(image.bytes, job.max_ip_image_pixels);
+        if (!rgb.ok()) return Annotate(rgb.status(), field);
+        IPAdapterRequestInput& ip = request.ip_adapters[image.index];
+        (image.negative ? ip.negative_image : ip.image) = *std::move(rgb);
+      }
       ASSIGN_OR_RETURN(PipelineResult out, inst.pipeline->Generate(request, on_step));
       if (job.want_latents) {
         ASSIGN_OR_RETURN(torch::Tensor cpu, TorchCall("copying the latents to the CPU", [&] {
@@ -1178,6 +1358,12 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
       result->set_height(job.height);
       result->set_decode_seconds(out.decode_seconds);
       result->set_encode_seconds(out.encode_seconds);
+      result->set_image_encode_seconds(out.image_encode_seconds);
+      for (const IPAdapterRequestInput& ip : request.ip_adapters) {
+        pb::AppliedIPAdapter* a = result->add_ip_adapters();
+        a->set_name(ip.name);
+        for (double scale : ip.scales) a->add_scale(scale);
+      }
       if (metrics_ != nullptr) {
         metrics_->ObservePromptEncoding(job.model_name, out.prompt_cache_hits,
                                         out.prompt_cache_misses, out.encode_seconds);
@@ -1229,6 +1415,7 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
   job.inputs.clear();
   job.latents = torch::Tensor();
   job.pipeline_request = PipelineRequest();
+  job.ip_images.clear();
   reactor->Complete(status);
 }
 

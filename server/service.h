@@ -8,8 +8,8 @@
 // progress events through a write reactor, then one result. Between denoising steps the worker
 // checks client cancellation, the call's deadline and server shutdown, so it stops within one step.
 //
-// Security: management RPCs (LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA) pass AdminAuth
-// with the call's "authorization" metadata first; server-side paths are confined to the configured
+// Security: management RPCs (LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA, LoadIPAdapter,
+// UnloadIPAdapter) pass AdminAuth with the call's "authorization" metadata first; server-side paths are confined to the configured
 // roots (ConfinePath); inline LoRA bytes are capped and written to a private temporary file
 // (mode 0600) that is removed after loading.
 //
@@ -78,6 +78,12 @@ class DiffusionService final : public diffusion::v1::DiffusionService::CallbackS
   grpc::ServerUnaryReactor* ListLoRAs(grpc::CallbackServerContext* ctx,
                                       const diffusion::v1::ListLoRAsRequest* request,
                                       diffusion::v1::ListLoRAsResponse* response) override;
+  grpc::ServerUnaryReactor* LoadIPAdapter(grpc::CallbackServerContext* ctx,
+                                          const diffusion::v1::LoadIPAdapterRequest* request,
+                                          diffusion::v1::LoadIPAdapterResponse* response) override;
+  grpc::ServerUnaryReactor* UnloadIPAdapter(
+      grpc::CallbackServerContext* ctx, const diffusion::v1::UnloadIPAdapterRequest* request,
+      diffusion::v1::UnloadIPAdapterResponse* response) override;
   grpc::ServerWriteReactor<diffusion::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* ctx, const diffusion::v1::GenerateRequest* request) override;
 
@@ -105,6 +111,8 @@ class DiffusionService final : public diffusion::v1::DiffusionService::CallbackS
                                 diffusion::v1::LoadSingleFileResponse* response);
   absl::Status DoLoadLoRA(const diffusion::v1::LoadLoRARequest& request,
                           diffusion::v1::LoadLoRAResponse* response, CallLog* log);
+  absl::Status DoLoadIPAdapter(const diffusion::v1::LoadIPAdapterRequest& request,
+                               diffusion::v1::LoadIPAdapterResponse* response, CallLog* log);
   // `store_loaded`: adapters of the request just loaded from the adapter store (counted as cache
   // misses, not hits).
   absl::StatusOr<std::shared_ptr<GenerateJob>> PrepareGenerate(

@@ -1106,7 +1106,7 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
 
 absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& name,
                                                           const std::string& path,
-                                                          const IPAdapterLoadOptions& options) {
+                                                          const IPAdapterLoadOptions& options) const {
   RETURN_IF_ERROR(ValidateAdapterName(name));
   if (!limits().supports_ip_adapter) {
     return absl::UnimplementedError(
@@ -1141,11 +1141,12 @@ absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& nam
       ASSIGN_OR_RETURN(entry->encoder, LoadImageEncoder("image encoder",
                                                         options.image_encoder_path, mo, ""));
     }
-    entry->info.image_encoder = options.image_encoder_path;
+    entry->info.image_encoder = options.image_encoder_source.empty()
+                                    ? options.image_encoder_path
+                                    : options.image_encoder_source;
   } else if (components_.image_encoder != nullptr) {
     entry->encoder = components_.image_encoder;
-    auto it = components_.sources.find("image_encoder");
-    entry->info.image_encoder = it != components_.sources.end() ? it->second : "image_encoder";
+    entry->info.image_encoder = "image_encoder";  // the pipeline's component
   }
   if (entry->encoder != nullptr) {
     if (entry->encoder->image_embed_dim() != adapter->image_embed_dim()) {
@@ -1162,7 +1163,7 @@ absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& nam
     entry->info.image_size = entry->encoder->image_size();
   }
   entry->info.name = name;
-  entry->info.path = path;
+  entry->info.path = options.source.empty() ? path : options.source;
   entry->info.format = adapter->format();
   entry->info.num_tokens = adapter->num_tokens();
   entry->info.image_embed_dim = adapter->image_embed_dim();
@@ -1183,7 +1184,7 @@ absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& nam
   return info;
 }
 
-absl::Status FluxPipeline::UnloadIPAdapter(const std::string& name) {
+absl::Status FluxPipeline::UnloadIPAdapter(const std::string& name) const {
   std::lock_guard lock(ip_mu_);
   if (ip_adapters_.erase(name) == 0) {
     return absl::NotFoundError(absl::StrCat("IP-Adapter '", name, "' is not loaded"));

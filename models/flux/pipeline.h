@@ -236,8 +236,8 @@ class FluxPipeline : public DiffusionPipeline {
   // `image_encoder` component, else none. INVALID_ARGUMENT when the encoder's image_embed_dim is
   // not the adapter's.
   absl::StatusOr<IPAdapterInfo> LoadIPAdapter(const std::string& name, const std::string& path,
-                                              const IPAdapterLoadOptions& options) override;
-  absl::Status UnloadIPAdapter(const std::string& name) override;
+                                              const IPAdapterLoadOptions& options) const override;
+  absl::Status UnloadIPAdapter(const std::string& name) const override;
   std::vector<IPAdapterInfo> ListIPAdapters() const override;
 
   // Text prompts as diffusers' FluxPipeline.encode_prompt computes them (see the file comment):
@@ -303,9 +303,9 @@ class FluxPipeline : public DiffusionPipeline {
   std::unique_ptr<PromptEmbeddingCache> prompt_cache_;  // never null
 
   mutable std::mutex ip_mu_;
-  std::map<std::string, std::shared_ptr<const IPAdapterEntry>> ip_adapters_;  // guarded by ip_mu_
+  mutable std::map<std::string, std::shared_ptr<const IPAdapterEntry>> ip_adapters_;  // guarded by ip_mu_
   // Image encoders loaded by LoadIPAdapter, by folder, while some adapter uses them.
-  std::map<std::string, std::weak_ptr<const ImageEncoder>> image_encoders_;  // guarded by ip_mu_
+  mutable std::map<std::string, std::weak_ptr<const ImageEncoder>> image_encoders_;  // guarded by ip_mu_
 };
 
 }  // namespace ds::flux
