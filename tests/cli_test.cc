@@ -1,6 +1,7 @@
 // diffusion-cli end to end: describe prints the registry's metadata; forward reproduces the golden
 // outputs through the files users pass it; lora convert writes every golden LoRA case as a
-// diffusers/PEFT file whose deltas are the golden ones.
+// diffusers/PEFT file whose deltas are the golden ones; encode-prompt writes the golden text
+// encodings, usable as generate --inputs.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "handlers/lora_format.h"
 #include "handlers/registry.h"
@@ -748,6 +751,223 @@ TEST(CliTest, WriteDemoThenGenerateOffline) {
   Result unknown = RunCli("write-demo flux-huge -o " + tmp.path());
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_THAT(unknown.out, HasSubstr("flux-tiny"));
+}
+
+// --- encode-prompt ---
+
+// The golden text-pipeline folder (pipeline/flux_pipeline_text/flux_tiny, a complete FluxPipeline
+// folder with CLIP and T5) and its cases (prompt, optional prompt_2, golden file).
+struct TextCase {
+  std::string name;
+  std::string prompt;
+  std::optional<std::string> prompt_2;
+  TensorMap golden;
+};
+
+std::string TextPipelineFolder() { return (test::TextPipelineDir() / "flux_tiny").string(); }
+
+std::vector<TextCase> TextCases() {
+  std::vector<TextCase> out;
+  const nlohmann::json cases = test::ReadJson(test::TextPipelineDir() / "cases.json")["cases"];
+  for (const auto& [name, c] : cases.items()) {
+    TextCase t;
+    t.name = name;
+    const nlohmann::json& kwargs = c["call_kwargs"];
+    t.prompt = kwargs["prompt"].get<std::string>();
+    if (kwargs.contains("prompt_2")) t.prompt_2 = kwargs["prompt_2"].get<std::string>();
+    auto golden =
+        LoadSafetensorsWeights((test::TextPipelineDir() / c["file"].get<std::string>()).string());
+    EXPECT_TRUE(golden.ok()) << name << ": " << golden.status();
+    if (golden.ok()) t.golden = *std::move(golden);
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+// The golden run's max_sequence_length: T5 pads its ids to it.
+int64_t GoldenSequenceLength(const TextCase& c) { return c.golden.at("text/t5_input_ids").size(1); }
+
+// encode-prompt reproduces FluxPipeline.encode_prompt of every golden text case: the prompts
+// without a prompt_2 in one call (one row each, in order), each prompt_2 case in its own call;
+// truncations are reported on stderr and in the metadata.
+TEST(CliTest, EncodePromptMatchesTheGoldenTextEncodings) {
+  TempDir tmp;
+  const std::vector<TextCase> cases = TextCases();
+  ASSERT_FALSE(cases.empty()) << "no cases in " << test::TextPipelineDir() / "cases.json";
+  const int64_t length = GoldenSequenceLength(cases[0]);
+  std::vector<std::vector<const TextCase*>> calls(1);
+  for (const TextCase& c : cases) {
+    ASSERT_EQ(GoldenSequenceLength(c), length) << c.name;
+    if (c.prompt_2.has_value()) {
+      calls.push_back({&c});
+    } else {
+      calls[0].push_back(&c);
+    }
+  }
+  ASSERT_FALSE(calls[0].empty());
+  ASSERT_GE(calls.size(), 2u) << "no golden case with a prompt_2";
+  int truncating_cases = 0;
+  for (size_t k = 0; k < calls.size(); ++k) {
+    const std::string out_path = tmp.File("encoded_" + std::to_string(k) + ".safetensors");
+    std::string args = "encode-prompt --pipeline " + TextPipelineFolder() +
+                       " --max-sequence-length " + std::to_string(length) + " -o " + out_path +
+                       " --threads 1";
+    const std::optional<std::string>& prompt_2 = calls[k][0]->prompt_2;
+    if (prompt_2.has_value()) args += " --prompt_2 " + ShellQuote(*prompt_2);
+    std::vector<std::string> names;
+    for (const TextCase* c : calls[k]) {
+      args += " " + ShellQuote(c->prompt);
+      names.push_back(c->name);
+    }
+    SCOPED_TRACE(absl::StrJoin(names, ", "));
+    Result r = RunCli(args);
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    auto file = SafetensorsFile::Open(out_path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    auto embeds = (*file)->Get("prompt_embeds");
+    auto pooled = (*file)->Get("pooled_prompt_embeds");
+    ASSERT_TRUE(embeds.ok()) << embeds.status();
+    ASSERT_TRUE(pooled.ok()) << pooled.status();
+    EXPECT_EQ(embeds->scalar_type(), torch::kFloat32);
+    EXPECT_EQ(pooled->scalar_type(), torch::kFloat32);
+    const int64_t prompts = static_cast<int64_t>(calls[k].size());
+    ASSERT_EQ(embeds->size(0), prompts);
+    ASSERT_EQ(pooled->size(0), prompts);
+
+    const std::map<std::string, std::string>& meta = (*file)->metadata();
+    ASSERT_TRUE(meta.count("prompt") && meta.count("max_sequence_length") &&
+                meta.count("truncated_prompts"))
+        << "metadata lacks prompt / max_sequence_length / truncated_prompts";
+    EXPECT_EQ(meta.at("max_sequence_length"), std::to_string(length));
+    const nlohmann::json recorded = nlohmann::json::parse(meta.at("prompt"));
+    const nlohmann::json truncated = nlohmann::json::parse(meta.at("truncated_prompts"));
+    EXPECT_EQ(meta.count("prompt_2"), prompt_2.has_value() ? 1u : 0u);
+    std::set<std::pair<int64_t, std::string>> truncations;  // (prompt index, tokenizer)
+    for (const nlohmann::json& t : truncated) {
+      truncations.insert({t["index"].get<int64_t>(), t["component"].get<std::string>()});
+      EXPECT_GT(t["tokens"].get<int64_t>(), t["max_length"].get<int64_t>()) << t.dump();
+    }
+    for (int64_t i = 0; i < prompts; ++i) {
+      const TextCase& c = *calls[k][i];
+      SCOPED_TRACE(c.name);
+      EXPECT_EQ(recorded[i].get<std::string>(), c.prompt);
+      EXPECT_TRUE(test::WithinTolerance((*embeds)[i], c.golden.at("text/prompt_embeds")[0]));
+      EXPECT_TRUE(test::WithinTolerance((*pooled)[i], c.golden.at("text/pooled_prompt_embeds")[0]));
+      // The golden README: "long" truncates in both tokenizers; the others fit.
+      const bool long_prompt = c.name == "long";
+      truncating_cases += long_prompt;
+      for (const char* tokenizer : {"tokenizer", "tokenizer_2"}) {
+        EXPECT_EQ(truncations.count({i, tokenizer}), long_prompt ? 1u : 0u) << tokenizer;
+      }
+      if (long_prompt) {
+        EXPECT_THAT(r.out, HasSubstr("warning: prompt[" + std::to_string(i) + "]"));
+        EXPECT_THAT(r.out, HasSubstr("truncated"));
+      }
+    }
+    EXPECT_EQ(truncations.size(), truncated.size());
+  }
+  EXPECT_EQ(truncating_cases, 1) << "the golden case 'long' is missing";
+}
+
+// The written file is a valid generate --inputs: the same image as generate --prompt with the same
+// seed, and, with the golden run's noise added, the golden pipeline output.
+TEST(CliTest, EncodePromptOutputGeneratesLikeThePrompt) {
+  TempDir tmp;
+  const std::vector<TextCase> cases = TextCases();
+  ASSERT_FALSE(cases.empty());
+  const TextCase& c = cases[0];
+  ASSERT_FALSE(c.prompt_2.has_value()) << c.name;
+  const torch::Tensor image = c.golden.at("final/image");
+  const std::string common =
+      " --pipeline " + TextPipelineFolder() + " --max_sequence_length " +
+      std::to_string(GoldenSequenceLength(c)) + " --height " + std::to_string(image.size(2)) +
+      " --width " + std::to_string(image.size(3)) + " --steps " +
+      std::to_string(c.golden.at("sigmas").numel() - 1) + " --guidance " +
+      std::to_string(c.golden.at("step/0/guidance_in").flatten()[0].item<double>()) +
+      " --threads 1";
+  const std::string encoded = tmp.File("encoded.safetensors");
+  Result e = RunCli("encode-prompt --pipeline " + TextPipelineFolder() + " --max_sequence_length " +
+                    std::to_string(GoldenSequenceLength(c)) + " -o " + encoded + " --threads 1 " +
+                    ShellQuote(c.prompt));
+  ASSERT_EQ(e.exit_code, 0) << e.out;
+
+  // Same seed: generate --prompt vs generate --inputs (the encodings) give identical results.
+  const std::string from_prompt = tmp.File("from_prompt.safetensors");
+  const std::string from_inputs = tmp.File("from_inputs.safetensors");
+  Result p = RunCli("generate" + common + " --seed 11 --prompt " + ShellQuote(c.prompt) + " -o " +
+                    from_prompt);
+  ASSERT_EQ(p.exit_code, 0) << p.out;
+  Result i = RunCli("generate" + common + " --seed 11 --inputs " + encoded + " -o " + from_inputs);
+  ASSERT_EQ(i.exit_code, 0) << i.out;
+  EXPECT_THAT(i.out, HasSubstr("prompt_embeds, pooled_prompt_embeds from " + encoded));
+  auto a = LoadSafetensorsWeights(from_prompt);
+  auto b = LoadSafetensorsWeights(from_inputs);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  for (const char* key : {"latents", "image"}) {
+    EXPECT_TRUE(torch::equal(a->at(key), b->at(key)))
+        << key << ": max |diff| " << (a->at(key) - b->at(key)).abs().max().item<double>();
+  }
+
+  // The golden noise next to the encodings: the golden FluxPipeline(prompt=...) output.
+  auto enc = LoadSafetensorsWeights(encoded);
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  const std::string with_noise = tmp.File("with_noise.safetensors");
+  ASSERT_TRUE(
+      WriteSafetensors(with_noise, {{"prompt_embeds", enc->at("prompt_embeds")},
+                                    {"pooled_prompt_embeds", enc->at("pooled_prompt_embeds")},
+                                    {"noise", c.golden.at("inputs/latents_unpacked")}})
+          .ok());
+  const std::string golden_run = tmp.File("golden_run.safetensors");
+  Result g = RunCli("generate" + common + " --inputs " + with_noise + " -o " + golden_run);
+  ASSERT_EQ(g.exit_code, 0) << g.out;
+  auto out = LoadSafetensorsWeights(golden_run);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(test::WithinTolerance(out->at("latents"), c.golden.at("final/latents_unpacked")));
+  EXPECT_TRUE(test::WithinTolerance(out->at("image"), image));
+}
+
+TEST(CliTest, EncodePromptErrors) {
+  TempDir tmp;
+  const std::string folder = TextPipelineFolder();
+  const std::string out = tmp.File("out.safetensors");
+  auto expect_error = [&](const std::string& args, const std::string& code,
+                          const std::vector<std::string>& mentions) {
+    SCOPED_TRACE(args);
+    Result r = RunCli("encode-prompt " + args + " --threads 1");
+    EXPECT_EQ(r.exit_code, 1) << r.out;
+    EXPECT_THAT(r.out, HasSubstr(code));
+    for (const std::string& m : mentions) EXPECT_THAT(r.out, HasSubstr(m));
+    EXPECT_FALSE(fs::exists(out)) << "written despite the error";
+  };
+  // A pipeline folder without text encoders (the golden embeddings-only FluxPipeline).
+  const std::string no_encoders = (test::PipelineDir() / "dev").string();
+  expect_error("--pipeline " + no_encoders + " -o " + out + " 'a cat'", "FAILED_PRECONDITION",
+               {no_encoders, "text_encoder", "tokenizer"});
+  expect_error("--pipeline " + folder + " --max_sequence_length -1 -o " + out + " 'a cat'",
+               "INVALID_ARGUMENT", {"--max_sequence_length", "-1"});
+  expect_error("--pipeline " + folder + " --max_sequence_length 100000 -o " + out + " 'a cat'",
+               "INVALID_ARGUMENT", {"--max_sequence_length 100000", "limit"});
+  expect_error("--pipeline " + folder + " 'a cat'", "INVALID_ARGUMENT", {"-o"});
+  expect_error("--pipeline " + folder + " -o " + tmp.File("out.png") + " 'a cat'",
+               "INVALID_ARGUMENT", {".safetensors"});
+  expect_error("--pipeline " + folder + " -o " + out, "INVALID_ARGUMENT", {"TEXT"});
+  expect_error("-o " + out + " 'a cat'", "INVALID_ARGUMENT", {"--pipeline"});
+  expect_error("--pipeline " + tmp.File("absent") + " -o " + out + " 'a cat'", "NOT_FOUND",
+               {tmp.File("absent")});
+  // Unwritable outputs: a missing folder, a folder named like the file, a folder that cannot take
+  // files (/proc refuses new entries, even to root).
+  const std::string missing = tmp.File("absent") + "/out.safetensors";
+  expect_error("--pipeline " + folder + " -o " + missing + " 'a cat'", "NOT_FOUND",
+               {missing, "does not exist"});
+  fs::create_directory(tmp.File("dir.safetensors"));
+  expect_error("--pipeline " + folder + " -o " + tmp.File("dir.safetensors") + " 'a cat'",
+               "INVALID_ARGUMENT", {tmp.File("dir.safetensors"), "folder"});
+  Result proc = RunCli("encode-prompt --pipeline " + folder +
+                       " -o /proc/ds_encode_prompt_test.safetensors 'a cat' --threads 1");
+  EXPECT_EQ(proc.exit_code, 1) << proc.out;
+  EXPECT_THAT(proc.out, HasSubstr("-o /proc/ds_encode_prompt_test.safetensors"));
+  EXPECT_THAT(proc.out, ::testing::Not(HasSubstr("wrote")));
 }
 
 }  // namespace

@@ -29,6 +29,11 @@
 //   diffusion-cli tokenize --tokenizer DIR [--max_sequence_length N] TEXT...
 //                                                token ids per TEXT, one line each (see
 //                                                tools/cli/text_commands.h)
+//   diffusion-cli encode-prompt --pipeline DIR [--prompt_2 TEXT] [--max_sequence_length N]
+//                         -o OUT.safetensors [--dtype D] [--device D] TEXT...
+//                                                the pipeline's prompt_embeds and
+//                                                pooled_prompt_embeds for each TEXT (usable as
+//                                                generate --inputs; tools/cli/encode_prompt.h)
 //
 // Remote commands (gRPC; every one takes --target=host:port (default localhost:50051),
 // --token_file=FILE (admin bearer token, sent on management calls), --tls_ca=PEM (TLS) and
@@ -84,6 +89,7 @@
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 #include "handlers/threads.h"
+#include "tools/cli/encode_prompt.h"
 #include "tools/cli/offline_generate.h"
 #include "tools/cli/remote.h"
 #include "tools/cli/text_commands.h"
@@ -99,11 +105,14 @@ ABSL_FLAG(std::string, inputs, "",
           "'latents', the initial noise, optionally)");
 ABSL_FLAG(std::string, output, "",
           "forward: safetensors file to write (tensor 'output'); lora convert: the converted "
-          "LoRA; generate: OUT.safetensors (tensor 'latents') or OUT.png (also -o)");
+          "LoRA; generate: OUT.safetensors (tensor 'latents') or OUT.png; encode-prompt: "
+          "OUT.safetensors (prompt_embeds, pooled_prompt_embeds) (also -o)");
 ABSL_FLAG(int, repeat, 0, "forward: run N more timed forwards and print the median seconds");
 ABSL_FLAG(std::string, dtype, "float32",
-          "forward, load-single-file: weight/compute dtype: float32, bfloat16, float16");
-ABSL_FLAG(std::string, device, "cpu", "forward, load-single-file: device: cpu or cuda[:N]");
+          "forward, load-single-file, encode-prompt: weight/compute dtype: float32, bfloat16, "
+          "float16");
+ABSL_FLAG(std::string, device, "cpu",
+          "forward, load-single-file, encode-prompt: device: cpu or cuda[:N]");
 ABSL_FLAG(std::string, config, "",
           "inspect/convert/forward of a single file, load-single-file: config fields overriding "
           "the derived ones, as inline JSON ('{\"axes_dims_rope\": [16, 56, 56]}') or a (local) "
@@ -121,7 +130,8 @@ ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = number of cores)");
 
 // Remote commands (tools/cli/remote.h).
 ABSL_FLAG(std::string, pipeline, "",
-          "generate: run this diffusers pipeline folder in-process instead of asking a server");
+          "generate: run this diffusers pipeline folder in-process instead of asking a server; "
+          "encode-prompt: the pipeline folder whose text encoders encode the prompts");
 ABSL_FLAG(std::string, target, "localhost:50051", "remote commands: the server, host:port");
 ABSL_FLAG(std::string, token_file, "",
           "remote management commands: file holding the admin bearer token");
@@ -164,7 +174,9 @@ ABSL_FLAG(int64_t, max_sequence_length, 0,
           "T5 prompt length in tokens (0 = the default, 512 as in FluxPipeline)");
 ABSL_FLAG(std::string, prompt, "",
           "generate: the text prompt (pipelines with text encoders; --inputs then optional)");
-ABSL_FLAG(std::string, prompt_2, "", "generate: the T5 prompt (default: the same as --prompt)");
+ABSL_FLAG(std::string, prompt_2, "",
+          "generate: the T5 prompt (default: the same as --prompt); encode-prompt: the T5 prompt "
+          "for every TEXT (default: each TEXT)");
 ABSL_FLAG(std::string, negative_prompt, "",
           "generate: negative prompt for true CFG (with --true-cfg-scale > 1)");
 
@@ -192,6 +204,11 @@ constexpr char kUsage[] =
     "  diffusion-cli write-demo [NAME] -o DIR   (the embedded demo pipeline, default flux-tiny)\n"
     "  diffusion-cli tokenize --tokenizer DIR [--max_sequence_length N] TEXT...\n"
     "      (one line of token ids per TEXT, padded/truncated as FluxPipeline: CLIP 77, T5 N)\n"
+    "  diffusion-cli encode-prompt --pipeline DIR [--prompt_2 TEXT] [--max_sequence_length N] "
+    "-o OUT.safetensors [--dtype D] [--device D] TEXT...\n"
+    "      (the pipeline's text encodings, float32: prompt_embeds [P, L, D] and\n"
+    "      pooled_prompt_embeds [P, Dp], one row per TEXT, prompts and truncations as metadata;\n"
+    "      OUT works as generate --inputs OUT; truncated prompts are warned about on stderr)\n"
     "remote (a running diffusion-server; each takes [--target=host:port] [--token_file=FILE]\n"
     "[--tls_ca=PEM] [--timeout=SECONDS]):\n"
     "  diffusion-cli models\n"
@@ -577,6 +594,26 @@ int Main(int argc, char** argv) {
                               {absl::GetFlag(FLAGS_tokenizer),
                                absl::GetFlag(FLAGS_max_sequence_length)},
                               std::cout, std::cerr);
+  } else if (command == "encode-prompt") {
+    cli::EncodePromptOptions encode;
+    encode.pipeline_dir = absl::GetFlag(FLAGS_pipeline);
+    encode.prompt_2 = absl::GetFlag(FLAGS_prompt_2);
+    encode.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
+    encode.output = absl::GetFlag(FLAGS_output);
+    auto dtype = ParseDtype(absl::GetFlag(FLAGS_dtype));
+    auto device = TorchCall(
+        "--device", [] { return torch::Device(absl::GetFlag(FLAGS_device)); },
+        absl::StatusCode::kInvalidArgument);
+    if (!dtype.ok()) {
+      status = dtype.status();
+    } else if (!device.ok()) {
+      status = device.status();
+    } else {
+      encode.load.model.dtype = *dtype;
+      encode.load.model.device = *device;
+      status = cli::RunEncodePrompt(std::vector<std::string>(args.begin() + 2, args.end()), encode,
+                                    std::cout, std::cerr);
+    }
   } else if (command == "write-demo") {
     status = cli::RunWriteDemo(std::vector<std::string>(args.begin() + 2, args.end()),
                                absl::GetFlag(FLAGS_output));
