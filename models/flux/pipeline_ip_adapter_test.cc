@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -340,6 +341,61 @@ TEST_F(FluxPipelineIPAdapterTest, BadLoadsGetPreciseErrorsAndChangeNothing) {
   const std::vector<IPAdapterInfo> after = pipeline_->ListIPAdapters();
   ASSERT_EQ(after.size(), before.size());
   for (size_t i = 0; i < after.size(); ++i) EXPECT_EQ(after[i].name, before[i].name);
+}
+
+
+// A pipeline folder that lists `image_encoder` and `feature_extractor` (as diffusers'
+// save_pretrained writes them after load_ip_adapter) loads them, and an adapter loaded without
+// its own encoder uses the pipeline's: the same golden image.
+TEST(FluxPipelineIPAdapterFolderTest, ThePipelinesImageEncoderComponentIsUsed) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "flux_dev_with_image_encoder";
+  fs::remove_all(dir);
+  fs::copy(PipelineDir() / "dev", dir, fs::copy_options::recursive);
+  fs::copy(VisionDir() / "clip_vision_encoder", dir / "image_encoder",
+           fs::copy_options::recursive);
+  fs::create_directories(dir / "feature_extractor");
+  fs::copy(VisionDir() / "clip_vision_encoder" / "preprocessor_config.json",
+           dir / "feature_extractor" / "preprocessor_config.json");
+  nlohmann::json index = ReadJson(dir / "model_index.json");
+  index["image_encoder"] = {"transformers", "CLIPVisionModelWithProjection"};
+  index["feature_extractor"] = {"transformers", "CLIPImageProcessor"};
+  std::ofstream(dir / "model_index.json") << index.dump(2);
+
+  const nlohmann::json spec = ReadJson(PipelineDir() / "cases.json")["cases"]["dev_dynamic_n2"];
+  FluxPipelineLoadOptions load;
+  load.scheduler_config_path =
+      (PipelineDir() / spec["scheduler_config_file"].get<std::string>()).string();
+  auto pipeline = FluxPipeline::FromPretrained(dir.string(), load);
+  ASSERT_TRUE(pipeline.ok()) << pipeline.status();
+  const PipelineDescription d = (*pipeline)->describe();
+  EXPECT_EQ(d.classes.at("image_encoder"), "CLIPVisionModelWithProjection");
+  EXPECT_EQ(d.classes.at("feature_extractor"), "CLIPImageProcessor");
+  EXPECT_EQ(d.not_loaded.count("image_encoder"), 0u);
+
+  auto info = (*pipeline)->LoadIPAdapter("own", AdapterFile(), {});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->image_encoder, "image_encoder");
+  const std::string file = "pipeline_scale1.0.safetensors";
+  FluxPipelineRequest r;
+  r.prompt_embeds = Golden(file, "inputs/prompt_embeds");
+  r.pooled_prompt_embeds = Golden(file, "inputs/pooled_prompt_embeds");
+  r.latents = Golden(file, "inputs/latents_unpacked");
+  r.height = 32;
+  r.width = 48;
+  r.num_inference_steps = 2;
+  IPAdapterRequestInput in;
+  in.name = "own";
+  in.image = TestImage();
+  r.ip_adapters = {in};
+  auto out = (*pipeline)->Generate(r);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_TRUE(WithinTolerance(out->image, Golden(file, "final/image")));
+
+  // A listed component that is not there: NOT_FOUND naming it.
+  fs::remove_all(dir / "image_encoder");
+  auto broken = FluxPipeline::FromPretrained(dir.string(), load);
+  EXPECT_EQ(broken.status().code(), absl::StatusCode::kNotFound) << broken.status();
+  EXPECT_TRUE(absl::StrContains(broken.status().message(), "image_encoder")) << broken.status();
 }
 
 }  // namespace
