@@ -19,6 +19,9 @@ struct ShimApi {
   int (*piece_to_id)(const void*, const char*, std::size_t) = nullptr;
   int (*size)(const void*) = nullptr;
   int (*unk_id)(const void*) = nullptr;
+  int (*train)(const char* const*, const char* const*, std::size_t, const char* const*,
+               const std::size_t*, std::size_t, void (*)(void*, const char*, std::size_t), void*,
+               char*, std::size_t) = nullptr;
   std::string error;  // why the shim could not be loaded; empty when it was
 };
 
@@ -79,6 +82,7 @@ const ShimApi& Shim() {
     a->piece_to_id = reinterpret_cast<decltype(a->piece_to_id)>(sym("ds_spm_piece_to_id"));
     a->size = reinterpret_cast<decltype(a->size)>(sym("ds_spm_size"));
     a->unk_id = reinterpret_cast<decltype(a->unk_id)>(sym("ds_spm_unk_id"));
+    a->train = reinterpret_cast<decltype(a->train)>(sym("ds_spm_train"));
     return a;
   }();
   return *api;
@@ -120,6 +124,39 @@ std::unique_ptr<SentencePieceModel> SentencePieceModel::Load(const std::string& 
     return nullptr;
   }
   return std::unique_ptr<SentencePieceModel>(new SentencePieceModel(std::move(impl)));
+}
+
+bool SentencePieceModel::Train(const std::vector<std::string>& sentences,
+                               const std::vector<std::pair<std::string, std::string>>& args,
+                               std::string* model, std::string* error) {
+  const ShimApi& shim = Shim();
+  if (!shim.error.empty()) {
+    *error = shim.error;
+    return false;
+  }
+  std::vector<const char*> keys, values, texts;
+  std::vector<std::size_t> lengths;
+  for (const auto& [key, value] : args) {
+    keys.push_back(key.c_str());
+    values.push_back(value.c_str());
+  }
+  for (const std::string& s : sentences) {
+    texts.push_back(s.data());
+    lengths.push_back(s.size());
+  }
+  auto emit = [](void* context, const char* bytes, std::size_t length) {
+    static_cast<std::string*>(context)->assign(bytes, length);
+  };
+  char message[512] = {0};
+  static std::mutex* train_mu = new std::mutex();
+  std::lock_guard<std::mutex> lock(*train_mu);
+  model->clear();
+  if (shim.train(keys.data(), values.data(), keys.size(), texts.data(), lengths.data(),
+                 texts.size(), emit, model, message, sizeof(message)) != 0) {
+    *error = message;
+    return false;
+  }
+  return true;
 }
 
 bool SentencePieceModel::Encode(std::string_view text, std::vector<std::string>* pieces,

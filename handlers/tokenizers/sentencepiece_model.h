@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace ds::tokenizers {
@@ -28,6 +29,16 @@ class SentencePieceModel {
   // model bytes, or the shim cannot be loaded).
   static std::unique_ptr<SentencePieceModel> Load(const std::string& serialized,
                                                   bool add_dummy_prefix, std::string* error);
+
+  // Trains a model with Debian's SentencePieceTrainer on `sentences` (in memory, no input file)
+  // and returns the serialized ModelProto (the bytes of an spiece.model) in *model. `args` are
+  // spm_train's flags without "--" (e.g. {"model_type", "unigram"}, {"vocab_size", "256"});
+  // "input" and "model_prefix" are not needed. Training is serialized process-wide (the trainer
+  // keeps global state: its log level and random generator). Returns false and sets *error on
+  // failure (an unknown flag, a vocabulary larger than the sentences allow, the shim missing).
+  static bool Train(const std::vector<std::string>& sentences,
+                    const std::vector<std::pair<std::string, std::string>>& args,
+                    std::string* model, std::string* error);
 
   // sp.encode(text, out_type=str): the pieces (unknown spans as their surface text). Returns
   // false and sets *error on failure.

@@ -1,4 +1,5 @@
-// libds_sentencepiece_shim.so: a C interface over Debian's libsentencepiece, loaded by
+// libds_sentencepiece_shim.so: a C interface over Debian's libsentencepiece (and its trainer,
+// libsentencepiece_train), loaded by
 // sentencepiece_model.cc with dlopen(RTLD_LOCAL | RTLD_DEEPBIND).
 //
 // Why a separately loaded module: Debian's libsentencepiece.so.0 carries its own copy of
@@ -10,11 +11,13 @@
 // No Abseil header may be included here: <sentencepiece_processor.h> defines
 // `namespace absl { using std::string_view; }`, which collides with Debian's Abseil.
 #include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
 
 #include <cstddef>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -25,6 +28,32 @@ void SetError(const std::string& message, char* error, std::size_t capacity) {
   std::memcpy(error, message.data(), n);
   error[n] = '\0';
 }
+
+// Feeds the trainer from memory (no input file).
+class VectorSentenceIterator : public sentencepiece::SentenceIterator {
+ public:
+  VectorSentenceIterator(const char* const* sentences, const std::size_t* lengths, std::size_t n)
+      : sentences_(sentences), lengths_(lengths), n_(n) {
+    Load();
+  }
+  bool done() const override { return index_ >= n_; }
+  void Next() override {
+    ++index_;
+    Load();
+  }
+  const std::string& value() const override { return value_; }
+  sentencepiece::util::Status status() const override { return sentencepiece::util::Status(); }
+
+ private:
+  void Load() {
+    if (index_ < n_) value_.assign(sentences_[index_], lengths_[index_]);
+  }
+  const char* const* sentences_;
+  const std::size_t* lengths_;
+  std::size_t n_;
+  std::size_t index_ = 0;
+  std::string value_;
+};
 
 }  // namespace
 
@@ -44,6 +73,27 @@ __attribute__((visibility("default"))) DsSpmModel* ds_spm_load(const char* bytes
     return nullptr;
   }
   return model.release();
+}
+
+// SentencePieceTrainer::Train(kwargs, iterator, &serialized) over `num_sentences` in-memory
+// sentences; `keys`/`values` are spm_train's flags without "--". On success calls
+// emit(context, model bytes) once and returns 0; otherwise sets `error` and returns 1.
+__attribute__((visibility("default"))) int ds_spm_train(
+    const char* const* keys, const char* const* values, std::size_t num_args,
+    const char* const* sentences, const std::size_t* lengths, std::size_t num_sentences,
+    void (*emit)(void* context, const char* bytes, std::size_t length), void* context,
+    char* error, std::size_t error_capacity) {
+  std::unordered_map<std::string, std::string> kwargs;
+  for (std::size_t i = 0; i < num_args; ++i) kwargs[keys[i]] = values[i];
+  VectorSentenceIterator iterator(sentences, lengths, num_sentences);
+  std::string serialized;
+  const auto status = sentencepiece::SentencePieceTrainer::Train(kwargs, &iterator, &serialized);
+  if (!status.ok()) {
+    SetError(status.ToString(), error, error_capacity);
+    return 1;
+  }
+  emit(context, serialized.data(), serialized.size());
+  return 0;
 }
 
 __attribute__((visibility("default"))) void ds_spm_free(DsSpmModel* model) { delete model; }

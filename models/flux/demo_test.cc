@@ -1,11 +1,15 @@
 // The flux-tiny demo pipeline (models/flux/spec.cc's recipe, written by handlers/demo_pipeline):
 // real files that the real loaders read, the diffusers folder and the BFL single files giving the
-// same pipeline, idempotent reuse, rewriting of modified copies, and recipe errors.
+// same pipeline, text prompts through the generated tokenizers and tiny text encoders, idempotent
+// reuse, rewriting of modified copies, and recipe errors.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
+#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -15,6 +19,7 @@
 #include "handlers/safetensors.h"
 #include "handlers/single_file.h"
 #include "handlers/state_dict.h"
+#include "handlers/tokenizers/tokenizer.h"
 #include "models/flux/pipeline.h"
 #include "models/flux/spec.h"
 #include "testing/test_util.h"
@@ -79,7 +84,7 @@ TEST(FluxTinyDemoTest, FolderAndSingleFilesLoadThroughTheRealLoaders) {
   EXPECT_TRUE(limits.can_decode);
   EXPECT_TRUE(limits.guidance_embeds);
   EXPECT_EQ(limits.latent_channels, 4);
-  EXPECT_EQ((*folder)->describe().not_loaded.count("text_encoder"), 0u)
+  EXPECT_EQ((*folder)->describe().not_loaded.count("image_encoder"), 0u)
       << "absent components are [null, null] entries, not unloaded ones";
 
   // The single files are in the original (BFL / LDM) naming, not diffusers'.
@@ -123,6 +128,98 @@ TEST(FluxTinyDemoTest, FolderAndSingleFilesLoadThroughTheRealLoaders) {
   auto other = (*folder)->Generate(Request(**folder, 12));
   ASSERT_TRUE(other.ok());
   EXPECT_NE(other->png, a->png);
+}
+
+PipelineRequest TextRequest(const DiffusionPipeline& p, const std::string& prompt) {
+  const PipelineLimits l = p.limits();
+  PipelineRequest r;
+  r.prompt = {prompt};
+  r.max_sequence_length = 32;
+  r.height = 2 * l.image_size_multiple;
+  r.width = 2 * l.image_size_multiple;
+  r.num_inference_steps = 2;
+  r.seed = 3;
+  r.png = true;
+  return r;
+}
+
+TEST(FluxTinyDemoTest, TextPromptsRunThroughTheGeneratedTokenizersAndEncoders) {
+  TempDir tmp;
+  const auto start = std::chrono::steady_clock::now();
+  auto files = WriteDemoPipeline(FluxTinyDemo(), tmp.path());
+  const double write_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(files.ok()) << files.status();
+  // The server writes the demo at start-up.
+  EXPECT_LT(write_seconds, 5.0);
+  std::cout << "flux-tiny written in " << write_seconds << " s\n";
+
+  auto loaded = LoadPipelineFromFolder(files->pipeline_dir, {});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const DiffusionPipeline& pipeline = **loaded;
+  EXPECT_TRUE(pipeline.limits().accepts_text_prompt);
+  const PipelineDescription d = pipeline.describe();
+  EXPECT_EQ(d.classes.at("text_encoder"), "CLIPTextModel");
+  EXPECT_EQ(d.classes.at("text_encoder_2"), "T5EncoderModel");
+  EXPECT_TRUE(d.not_loaded.empty());
+
+  // The tokenizers fit their encoders: every id has an embedding row, the CLIP specials are the
+  // encoder's bos/eos.
+  auto clip = tokenizers::LoadTokenizerFromFolder(files->pipeline_dir + "/tokenizer");
+  auto t5 = tokenizers::LoadTokenizerFromFolder(files->pipeline_dir + "/tokenizer_2");
+  ASSERT_TRUE(clip.ok() && t5.ok()) << clip.status() << " / " << t5.status();
+  auto clip_weights = LoadSafetensorsWeights(files->pipeline_dir + "/text_encoder/model.safetensors");
+  auto t5_weights = LoadSafetensorsWeights(files->pipeline_dir + "/text_encoder_2/model.safetensors");
+  ASSERT_TRUE(clip_weights.ok() && t5_weights.ok());
+  EXPECT_EQ(clip_weights->at("text_model.embeddings.token_embedding.weight").size(0),
+            (*clip)->vocab_size());
+  EXPECT_EQ(t5_weights->at("shared.weight").size(0), (*t5)->vocab_size());
+  const nlohmann::json clip_config = FluxTinyDemo().components[2].config;
+  EXPECT_EQ(clip_config["bos_token_id"], (*clip)->bos_token_id());
+  EXPECT_EQ(clip_config["eos_token_id"], (*clip)->eos_token_id());
+
+  auto cat = pipeline.Generate(TextRequest(pipeline, "a photo of a cat on a red chair"));
+  ASSERT_TRUE(cat.ok()) << cat.status();
+  ASSERT_EQ(cat->png.size(), 1u);
+  EXPECT_TRUE(torch::isfinite(cat->image).all().item<bool>());
+  EXPECT_TRUE(cat->truncated_prompts.empty());
+  // The same prompt again: the same image (the encoded prompt now comes from the cache).
+  auto again = pipeline.Generate(TextRequest(pipeline, "a photo of a cat on a red chair"));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->png, cat->png);
+  EXPECT_TRUE(torch::equal(again->latents, cat->latents));
+  EXPECT_GT(again->prompt_cache_hits, 0);
+  // Another prompt conditions the transformer differently.
+  auto dog = pipeline.Generate(TextRequest(pipeline, "a watercolor of a dog in the snow"));
+  ASSERT_TRUE(dog.ok()) << dog.status();
+  EXPECT_NE(dog->png, cat->png);
+  EXPECT_FALSE(torch::equal(dog->latents, cat->latents));
+  // The text path equals the embeddings path with the pipeline's own encoding.
+  auto encoding = pipeline.EncodePrompt({"a photo of a cat on a red chair"}, {}, 32);
+  ASSERT_TRUE(encoding.ok()) << encoding.status();
+  PipelineRequest embeds = TextRequest(pipeline, "");
+  embeds.prompt.clear();
+  embeds.prompt_embeds = encoding->prompt_embeds;
+  embeds.pooled_prompt_embeds = encoding->pooled_prompt_embeds;
+  auto from_embeds = pipeline.Generate(embeds);
+  ASSERT_TRUE(from_embeds.ok()) << from_embeds.status();
+  EXPECT_TRUE(torch::equal(from_embeds->latents, cat->latents));
+
+  // A prompt past CLIP's 77 tokens and max_sequence_length is truncated, and the result says so.
+  std::string long_prompt;
+  for (int i = 0; i < 40; ++i) long_prompt += "a golden retriever puppy playing on the grass, ";
+  auto truncated = pipeline.Generate(TextRequest(pipeline, long_prompt));
+  ASSERT_TRUE(truncated.ok()) << truncated.status();
+  ASSERT_EQ(truncated->truncated_prompts.size(), 2u);
+  std::set<std::string> components;
+  for (const auto& t : truncated->truncated_prompts) {
+    components.insert(t.component);
+    EXPECT_EQ(t.field, "prompt");
+    EXPECT_GT(t.tokens, t.max_length);
+  }
+  EXPECT_EQ(components, (std::set<std::string>{"tokenizer", "tokenizer_2"}));
+  EXPECT_FALSE(truncated->warnings.empty());
+  EXPECT_TRUE(torch::isfinite(truncated->image).all().item<bool>());
 }
 
 TEST(FluxTinyDemoTest, ReusesAVerifiedCopyAndRewritesAModifiedOne) {
