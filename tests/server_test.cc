@@ -22,6 +22,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -986,6 +987,64 @@ TEST_F(ServerTest, EmbeddedFluxTinyServesPngsEndToEnd) {
   EXPECT_THAT(bad.status.error_message(), HasSubstr(std::to_string(3 * multiple)));
 }
 
+// The embedded default end to end from text: flux-tiny's generated tokenizers and tiny CLIP/T5
+// encoders turn a prompt into a PNG over gRPC; the same prompt gives the same bytes, another
+// prompt another image, and an over-long prompt is truncated and reported.
+TEST_F(ServerTest, EmbeddedFluxTinyTakesATextPromptAndReturnsAPng) {
+  StartServer({"--embedded_models=default,flux-tiny", "--embedded_dir=" + tmp_.File("embedded")});
+  pb::GetMetadataRequest md_req;
+  md_req.set_name("flux-tiny");
+  pb::GetMetadataResponse md;
+  ASSERT_TRUE(stub_->GetMetadata(Context().get(), md_req, &md).ok());
+  EXPECT_TRUE(md.limits().accepts_text_prompt());
+  EXPECT_GT(md.limits().max_sequence_length(), 0);
+  const int64_t multiple = md.limits().image_size_multiple();
+  ASSERT_GT(multiple, 0);
+  auto request = [&](const std::string& prompt) {
+    pb::GenerateRequest r;
+    r.set_model("flux-tiny");
+    r.add_prompt(prompt);
+    r.set_max_sequence_length(32);
+    r.set_width(2 * multiple);
+    r.set_height(multiple);
+    r.set_steps(2);
+    r.set_seed(9);
+    return r;
+  };
+  const Outcome cat = Generate(*stub_, request("a photo of a cat sitting on a windowsill"));
+  ASSERT_TRUE(cat.status.ok()) << cat.status.error_message();
+  ASSERT_EQ(cat.result->images_size(), 1);
+  auto rgb = DecodePng(cat.result->images(0));
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  EXPECT_THAT(rgb->sizes().vec(), ::testing::ElementsAre(multiple, 2 * multiple, 3));
+  EXPECT_EQ(cat.result->truncated_prompts_size(), 0);
+  EXPECT_GT(cat.result->encode_seconds(), 0.0);
+
+  const Outcome again = Generate(*stub_, request("a photo of a cat sitting on a windowsill"));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.result->images(0), cat.result->images(0));
+  const Outcome fox = Generate(*stub_, request("an oil painting of a red fox in the snow"));
+  ASSERT_TRUE(fox.status.ok()) << fox.status.error_message();
+  EXPECT_NE(fox.result->images(0), cat.result->images(0));
+
+  std::string long_prompt;
+  for (int i = 0; i < 40; ++i) long_prompt += "a misty forest path covered with autumn leaves, ";
+  const Outcome cut = Generate(*stub_, request(long_prompt));
+  ASSERT_TRUE(cut.status.ok()) << cut.status.error_message();
+  ASSERT_EQ(cut.result->images_size(), 1);
+  std::set<std::string> tokenizers;
+  for (const pb::TruncatedPrompt& t : cut.result->truncated_prompts()) {
+    tokenizers.insert(t.tokenizer());
+    EXPECT_GT(t.tokens(), t.max_length());
+  }
+  EXPECT_EQ(tokenizers, (std::set<std::string>{"tokenizer", "tokenizer_2"}));
+
+  // Text and embeddings together: INVALID_ARGUMENT.
+  pb::GenerateRequest both = request("a cat");
+  *both.mutable_prompt_embeds() = ToProto(torch::zeros({4, md.limits().prompt_embeds_dim()}));
+  EXPECT_EQ(Generate(*stub_, both).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 class ServerPipelineTest : public ServerTest {
  protected:
   static fs::path GoldenPipelines() { return fs::path(GoldenDir()) / "pipeline" / "flux_pipeline"; }
@@ -1300,6 +1359,149 @@ TEST_F(ServerPipelineTest, AdaptersApplyPerRequestToTheTransformer) {
   pb::GenerateRequest unknown = ImageRequest(9);
   unknown.add_adapters()->set_name("nope");
   EXPECT_EQ(Generate(*stub_, unknown).status.error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+
+// IP-Adapters over gRPC on the golden dev pipeline: LoadIPAdapter (management: token) with the
+// golden CLIP vision encoder, an image prompt changes the PNG, scale 0 gives the no-adapter bytes
+// exactly, scale 1 reproduces diffusers' FluxPipeline(ip_adapter_image=...) image within one
+// level, and bad inputs (an undecodable image, an adapter for another width, unknown names, a
+// bare transformer) get precise errors that change nothing.
+TEST_F(ServerPipelineTest, IPAdapterImagePromptsOverGrpc) {
+  const fs::path ip_dir = fs::path(GoldenDir()) / "conditioning" / "ip_adapter";
+  const fs::path vision_dir = fs::path(GoldenDir()) / "conditioning" / "clip_vision";
+  fs::copy(ip_dir / "ip_adapter.safetensors", fs::path(adapters_) / "ip.safetensors");
+  fs::copy(vision_dir / "clip_vision_encoder", fs::path(models_) / "clip-vision",
+           fs::copy_options::recursive);
+  StartServer();
+  LoadPipeline("pipe");
+  EXPECT_TRUE(metadata_.limits().supports_ip_adapter());
+
+  pb::LoadIPAdapterRequest load;
+  load.set_model("pipe");
+  load.set_name("style");
+  load.set_path("ip.safetensors");
+  load.set_image_encoder_path("clip-vision");
+  pb::LoadIPAdapterResponse loaded;
+  EXPECT_EQ(stub_->LoadIPAdapter(Context(60).get(), load, &loaded).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  grpc::Status s = stub_->LoadIPAdapter(Context(60, true).get(), load, &loaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(loaded.adapter().name(), "style");
+  EXPECT_EQ(loaded.adapter().path(), "ip.safetensors");
+  EXPECT_EQ(loaded.adapter().image_encoder(), "clip-vision");
+  EXPECT_EQ(loaded.adapter().format(), "xlabs");
+  EXPECT_GT(loaded.adapter().memory_bytes(), 0);
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  int listed = 0;
+  for (const pb::ModelInstance& m : list.models()) {
+    for (const pb::IPAdapterInfo& a : m.ip_adapters())
+      listed += m.name() == "pipe" && a.name() == "style";
+  }
+  EXPECT_EQ(listed, 1);
+
+  // The golden request: its embeddings and noise, with the image prompt at scale 1.
+  const fs::path golden_file = ip_dir / "pipeline_scale1.0.safetensors";
+  auto golden = LoadSafetensorsWeights(golden_file.string());
+  ASSERT_TRUE(golden.ok()) << golden.status();
+  pb::GenerateRequest plain = ImageRequest(0);
+  *plain.mutable_prompt_embeds() = ToProto(golden->at("inputs/prompt_embeds"));
+  *plain.mutable_pooled_prompt_embeds() = ToProto(golden->at("inputs/pooled_prompt_embeds"));
+  *plain.mutable_noise() = ToProto(golden->at("inputs/latents_unpacked"));
+  const std::string image_png = test::ReadFileBytes((vision_dir / "image.png").string());
+  auto with_image = [&](double scale) {
+    pb::GenerateRequest r = plain;
+    pb::IPAdapterInput* ip = r.add_ip_adapters();
+    ip->set_name("style");
+    ip->set_image(image_png);
+    ip->add_scale(scale);
+    return r;
+  };
+  const Outcome base = Generate(*stub_, plain);
+  ASSERT_TRUE(base.status.ok()) << base.status.error_message();
+  const Outcome zero = Generate(*stub_, with_image(0.0));
+  ASSERT_TRUE(zero.status.ok()) << zero.status.error_message();
+  EXPECT_EQ(zero.result->images(0), base.result->images(0));
+  const Outcome one = Generate(*stub_, with_image(1.0));
+  ASSERT_TRUE(one.status.ok()) << one.status.error_message();
+  EXPECT_NE(one.result->images(0), base.result->images(0));
+  ASSERT_EQ(one.result->ip_adapters_size(), 1);
+  EXPECT_EQ(one.result->ip_adapters(0).name(), "style");
+  EXPECT_GT(one.result->image_encode_seconds(), 0.0);
+  auto rgb = DecodePng(one.result->images(0));
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  const torch::Tensor diff =
+      ((*rgb).to(torch::kInt32) - golden->at("final/image_uint8")[0].to(torch::kInt32)).abs();
+  EXPECT_LE(diff.max().item<int64_t>(), 1);
+  EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000 + 1);
+
+  // Bad inputs.
+  pb::GenerateRequest undecodable = with_image(1.0);
+  undecodable.mutable_ip_adapters(0)->set_image("GIF89a not a png");
+  const Outcome u = Generate(*stub_, undecodable);
+  EXPECT_EQ(u.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(u.status.error_message(), HasSubstr("ip_adapters[0].image"));
+  EXPECT_THAT(u.status.error_message(), HasSubstr("not a PNG"));
+  pb::GenerateRequest unknown = with_image(1.0);
+  unknown.mutable_ip_adapters(0)->set_name("nope");
+  const Outcome n = Generate(*stub_, unknown);
+  EXPECT_EQ(n.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(n.status.error_message(), HasSubstr("'nope'"));
+  pb::GenerateRequest no_input = plain;
+  no_input.add_ip_adapters()->set_name("style");
+  EXPECT_EQ(Generate(*stub_, no_input).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  pb::GenerateRequest bad_scale = with_image(std::nan(""));
+  EXPECT_EQ(Generate(*stub_, bad_scale).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // An adapter for another transformer width: INVALID_ARGUMENT naming the key; nothing changes.
+  auto sd = LoadSafetensorsWeights((ip_dir / "ip_adapter.safetensors").string());
+  ASSERT_TRUE(sd.ok()) << sd.status();
+  TensorMap wide;
+  for (const auto& [key, t] : *sd) {
+    wide[key] = absl::StrContains(key, "double_stream") ? torch::cat({t, t}, 0).contiguous() : t;
+  }
+  ASSERT_TRUE(WriteSafetensors((fs::path(adapters_) / "wide.safetensors").string(), wide).ok());
+  pb::LoadIPAdapterRequest wide_load = load;
+  wide_load.set_name("style");
+  wide_load.set_path("wide.safetensors");
+  wide_load.set_replace(true);
+  s = stub_->LoadIPAdapter(Context(60, true).get(), wide_load, &loaded);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("double_blocks.0.processor"));
+  EXPECT_THAT(s.error_message(), ::testing::Not(HasSubstr(adapters_)));
+  const Outcome still = Generate(*stub_, with_image(1.0));
+  ASSERT_TRUE(still.status.ok()) << still.status.error_message();
+  EXPECT_EQ(still.result->images(0), one.result->images(0));
+  pb::LoadIPAdapterRequest escape = load;
+  escape.set_name("escape");
+  escape.set_path("../../etc/passwd");
+  EXPECT_EQ(stub_->LoadIPAdapter(Context(60, true).get(), escape, &loaded).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  pb::LoadIPAdapterRequest taken = load;
+  EXPECT_EQ(stub_->LoadIPAdapter(Context(60, true).get(), taken, &loaded).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+  pb::LoadIPAdapterRequest bare = load;
+  bare.set_model("default");
+  EXPECT_EQ(stub_->LoadIPAdapter(Context(60, true).get(), bare, &loaded).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  pb::GenerateRequest bare_generate;
+  bare_generate.set_model("default");
+  bare_generate.add_ip_adapters()->set_name("style");
+  EXPECT_EQ(Generate(*stub_, bare_generate).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Unload: management; afterwards the name is unknown.
+  pb::UnloadIPAdapterRequest unload;
+  unload.set_model("pipe");
+  unload.set_name("style");
+  pb::UnloadIPAdapterResponse unloaded;
+  EXPECT_EQ(stub_->UnloadIPAdapter(Context(60).get(), unload, &unloaded).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  ASSERT_TRUE(stub_->UnloadIPAdapter(Context(60, true).get(), unload, &unloaded).ok());
+  EXPECT_EQ(stub_->UnloadIPAdapter(Context(60, true).get(), unload, &unloaded).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Generate(*stub_, with_image(1.0)).status.error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 }  // namespace
