@@ -3,9 +3,15 @@
 #include <png.h>
 #include <torch/torch.h>
 
+#include <csetjmp>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+// libjpeg's header needs size_t and FILE declared first.
+#include <jpeglib.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -499,11 +505,123 @@ absl::StatusOr<torch::Tensor> ClipPixelValues(const torch::Tensor& rgb,
   return p.pixel_values.unsqueeze(0);
 }
 
+namespace {
+
+// libjpeg reports fatal errors through error_exit, which must not return: it longjmps back into
+// DecodeJpegRgb. Only plain C data lives between setjmp and longjmp there.
+struct JpegErrorManager {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+void JpegErrorExit(j_common_ptr cinfo) {
+  auto* err = reinterpret_cast<JpegErrorManager*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, err->message);
+  std::longjmp(err->jump, 1);
+}
+
+void JpegQuiet(j_common_ptr /*cinfo*/) {}  // warnings (e.g. extraneous bytes) are not errors
+
+enum class JpegResult { kOk, kCorrupt, kTooLarge, kUnsupported, kNoMemory };
+
+// Decodes a baseline or progressive JPEG to interleaved 8-bit RGB in a malloc'ed buffer (*out,
+// freed by the caller), as libjpeg's defaults decode it (islow IDCT, fancy upsampling), which
+// is what PIL's JPEG plugin uses. Grayscale is replicated to three channels (PIL's L -> RGB).
+JpegResult DecodeJpegRgb(const unsigned char* data, size_t size, int64_t max_pixels,
+                         unsigned char** out, unsigned* width, unsigned* height, char* message) {
+  jpeg_decompress_struct cinfo;
+  JpegErrorManager err;
+  unsigned char* volatile buffer = nullptr;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = JpegErrorExit;
+  err.mgr.output_message = JpegQuiet;
+  err.message[0] = '\0';
+  if (setjmp(err.jump)) {
+    std::snprintf(message, JMSG_LENGTH_MAX, "%s", err.message);
+    jpeg_destroy_decompress(&cinfo);
+    std::free(buffer);
+    return JpegResult::kCorrupt;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, data, static_cast<unsigned long>(size));
+  jpeg_read_header(&cinfo, TRUE);
+  if (cinfo.jpeg_color_space != JCS_GRAYSCALE && cinfo.jpeg_color_space != JCS_YCbCr &&
+      cinfo.jpeg_color_space != JCS_RGB) {
+    std::snprintf(message, JMSG_LENGTH_MAX, "color space %d (CMYK/YCCK) is not supported",
+                  static_cast<int>(cinfo.jpeg_color_space));
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::kUnsupported;
+  }
+  *width = cinfo.image_width;
+  *height = cinfo.image_height;
+  if (*width < 1 || *height < 1 || *width > kMaxSide || *height > kMaxSide ||
+      (max_pixels > 0 && static_cast<int64_t>(*width) * *height > max_pixels)) {
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::kTooLarge;
+  }
+  cinfo.out_color_space = JCS_RGB;
+  jpeg_start_decompress(&cinfo);
+  const size_t row = static_cast<size_t>(cinfo.output_width) * 3;
+  buffer = static_cast<unsigned char*>(std::malloc(row * cinfo.output_height));
+  if (buffer == nullptr) {
+    jpeg_destroy_decompress(&cinfo);
+    return JpegResult::kNoMemory;
+  }
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW rows[1] = {buffer + row * cinfo.output_scanline};
+    jpeg_read_scanlines(&cinfo, rows, 1);
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  *out = buffer;
+  return JpegResult::kOk;
+}
+
+absl::StatusOr<torch::Tensor> DecodeJpegImage(std::string_view bytes, int64_t max_pixels) {
+  unsigned char* pixels = nullptr;
+  unsigned width = 0, height = 0;
+  char message[JMSG_LENGTH_MAX] = {0};
+  const JpegResult r =
+      DecodeJpegRgb(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(),
+                    max_pixels, &pixels, &width, &height, message);
+  switch (r) {
+    case JpegResult::kOk:
+      break;
+    case JpegResult::kCorrupt:
+      return absl::InvalidArgumentError(
+          absl::StrCat("DecodeImageToRgb: invalid or corrupt JPEG: ", message));
+    case JpegResult::kUnsupported:
+      return absl::InvalidArgumentError(absl::StrCat("DecodeImageToRgb: JPEG ", message));
+    case JpegResult::kTooLarge:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DecodeImageToRgb: a ", width, " x ", height, " JPEG image exceeds the limit of ",
+          max_pixels > 0 ? max_pixels : kMaxSide, max_pixels > 0 ? " pixels" : " per side"));
+    case JpegResult::kNoMemory:
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "DecodeImageToRgb: no memory for a ", width, " x ", height, " image"));
+  }
+  auto rgb = TorchCall("DecodeImageToRgb", [&] {
+    return torch::from_blob(pixels, {static_cast<int64_t>(height), static_cast<int64_t>(width), 3},
+                            torch::kUInt8)
+        .clone();
+  });
+  std::free(pixels);
+  return rgb;
+}
+
+}  // namespace
+
 absl::StatusOr<torch::Tensor> DecodeImageToRgb(std::string_view bytes, int64_t max_pixels) {
   static constexpr unsigned char kPngSignature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  static constexpr unsigned char kJpegSignature[3] = {0xFF, 0xD8, 0xFF};
+  if (bytes.size() >= 3 && std::memcmp(bytes.data(), kJpegSignature, 3) == 0) {
+    return DecodeJpegImage(bytes, max_pixels);
+  }
   if (bytes.size() < 8 || std::memcmp(bytes.data(), kPngSignature, 8) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "DecodeImageToRgb: not a PNG image (", bytes.size(), " bytes; supported formats: PNG)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeImageToRgb: not a PNG or JPEG image (", bytes.size(),
+                     " bytes; supported formats: PNG, JPEG)"));
   }
   png_image image;
   std::memset(&image, 0, sizeof(image));

@@ -129,8 +129,10 @@ absl::StatusOr<torch::Tensor> ClipPixelValues(const torch::Tensor& rgb,
 // Decodes image bytes to RGB uint8 [H, W, 3] as `PIL.Image.open(f).convert("RGB")` does for the
 // formats supported here: PNG of any color type and bit depth (8-bit data exactly; an alpha
 // channel is dropped, not composited, as PIL's RGBA -> RGB conversion does; palettes and gray are
-// expanded). INVALID_ARGUMENT for bytes that are not a supported image ("not a PNG image") or a
-// corrupt one, naming the decoder's complaint. Differences from PIL, by design of libpng's
+// expanded) and JPEG (baseline or progressive, YCbCr / RGB / grayscale, decoded by libjpeg with
+// its defaults — islow IDCT, fancy upsampling — as PIL's JPEG plugin does; CMYK/YCCK JPEGs are
+// refused). INVALID_ARGUMENT for bytes that are not a supported image ("not a PNG or JPEG image")
+// or a corrupt one, naming the decoder's complaint. Differences from PIL, by design of libpng's
 // simplified reader: 16-bit samples are rounded to 8 bits (PIL truncates: at most one level), and
 // a gAMA chunk far from sRGB is converted to sRGB (PIL ignores it). With `max_pixels` > 0, an
 // image of more pixels is INVALID_ARGUMENT (naming its size) before anything is decoded, so a

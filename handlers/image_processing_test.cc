@@ -7,9 +7,14 @@
 #include <png.h>
 #include <torch/torch.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <string>
+
+// After <cstdio>: libjpeg's header needs FILE and size_t.
+#include <jpeglib.h>
 
 #include "handlers/safetensors.h"
 #include "testing/test_util.h"
@@ -286,6 +291,79 @@ TEST(DecodeImageToRgbTest, PixelLimitIsCheckedBeforeDecoding) {
   EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(over.status().message()), HasSubstr("30 x 20"));
   EXPECT_THAT(std::string(over.status().message()), HasSubstr("599 pixels"));
+}
+
+
+// A JPEG made by libjpeg's own encoder (defaults, 4:2:0 subsampling at this quality).
+std::string EncodeJpeg(const torch::Tensor& image, int quality, bool gray) {
+  jpeg_compress_struct cinfo;
+  jpeg_error_mgr jerr;
+  cinfo.err = jpeg_std_error(&jerr);
+  jpeg_create_compress(&cinfo);
+  unsigned char* buffer = nullptr;
+  unsigned long size = 0;
+  jpeg_mem_dest(&cinfo, &buffer, &size);
+  cinfo.image_width = static_cast<JDIMENSION>(image.size(1));
+  cinfo.image_height = static_cast<JDIMENSION>(image.size(0));
+  cinfo.input_components = gray ? 1 : 3;
+  cinfo.in_color_space = gray ? JCS_GRAYSCALE : JCS_RGB;
+  jpeg_set_defaults(&cinfo);
+  jpeg_set_quality(&cinfo, quality, TRUE);
+  jpeg_start_compress(&cinfo, TRUE);
+  const torch::Tensor data = image.contiguous();
+  const int64_t row = image.size(1) * (gray ? 1 : 3);
+  while (cinfo.next_scanline < cinfo.image_height) {
+    JSAMPROW r[1] = {data.data_ptr<uint8_t>() + row * cinfo.next_scanline};
+    jpeg_write_scanlines(&cinfo, r, 1);
+  }
+  jpeg_finish_compress(&cinfo);
+  jpeg_destroy_compress(&cinfo);
+  std::string out(reinterpret_cast<char*>(buffer), size);
+  std::free(buffer);
+  return out;
+}
+
+// A smooth test image (JPEG is lossy: smooth content decodes close to the source).
+torch::Tensor SmoothImage(int64_t h, int64_t w) {
+  const torch::Tensor y = torch::linspace(0, 1, h).view({h, 1, 1});
+  const torch::Tensor x = torch::linspace(0, 1, w).view({1, w, 1});
+  const torch::Tensor c = torch::tensor({0.2, 0.5, 0.8}).view({1, 1, 3});
+  return ((torch::sin(6 * x + 4 * y + 6 * c) * 0.4 + 0.5) * 255).round().to(torch::kUInt8);
+}
+
+TEST(DecodeImageToRgbTest, JpegDecodesCloseToTheSource) {
+  const torch::Tensor src = SmoothImage(37, 53);  // odd sizes: partial MCUs, upsampled chroma
+  auto rgb = DecodeImageToRgb(EncodeJpeg(src, 95, false));
+  ASSERT_TRUE(rgb.ok()) << rgb.status();
+  ASSERT_THAT(rgb->sizes().vec(), ::testing::ElementsAre(37, 53, 3));
+  const torch::Tensor diff = (rgb->to(torch::kInt32) - src.to(torch::kInt32)).abs();
+  EXPECT_LT(diff.to(torch::kFloat32).mean().item<float>(), 2.0f);
+  EXPECT_LE(diff.max().item<int32_t>(), 24);
+
+  // Grayscale: three equal channels, as PIL's L -> RGB.
+  const torch::Tensor gray_src = src.select(2, 1).contiguous();
+  auto gray = DecodeImageToRgb(EncodeJpeg(gray_src, 95, true));
+  ASSERT_TRUE(gray.ok()) << gray.status();
+  EXPECT_TRUE(torch::equal(gray->select(2, 0), gray->select(2, 1)));
+  EXPECT_TRUE(torch::equal(gray->select(2, 0), gray->select(2, 2)));
+  EXPECT_LE((gray->select(2, 0).to(torch::kInt32) - gray_src.to(torch::kInt32)).abs().max()
+                .item<int32_t>(),
+            8);
+}
+
+TEST(DecodeImageToRgbTest, BadJpegsGetPreciseErrors) {
+  const std::string jpeg = EncodeJpeg(SmoothImage(16, 24), 90, false);
+  auto truncated = DecodeImageToRgb(std::string_view(jpeg).substr(0, 40));
+  EXPECT_EQ(truncated.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(truncated.status().message()), HasSubstr("JPEG"));
+  auto over = DecodeImageToRgb(jpeg, 16 * 24 - 1);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(over.status().message()), HasSubstr("24 x 16"));
+  EXPECT_TRUE(DecodeImageToRgb(jpeg, 16 * 24).ok());
+  // Random bytes after the JPEG marker: corrupt, never a crash.
+  std::string garbage = "\xFF\xD8\xFF";
+  for (int i = 0; i < 200; ++i) garbage.push_back(static_cast<char>((i * 73 + 11) & 0xFF));
+  EXPECT_EQ(DecodeImageToRgb(garbage).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

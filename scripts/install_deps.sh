@@ -10,7 +10,7 @@ PACKAGES=(
   libgrpc++-dev libssl-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libpng-dev
+  libpng-dev libjpeg-dev
 )
 # The client tests (clients/): Debian's gRPC for Python (stubs come from protoc +
 # grpc_python_plugin above), Node.js and npm. A node/npm already on PATH is used as it is
