@@ -92,8 +92,9 @@ ABSL_FLAG(std::string, config, "",
 ABSL_FLAG(std::string, embedded_models, kDefaults.embedded_models,
           "Models served when no configured ones are (comma-separated; empty = none): "
           "\"default\" = a bare tiny FluxTransformer2DModel with random weights (latents API), "
-          "\"flux-tiny\" = a tiny FluxPipeline with random weights (PNG images of noise), written "
-          "to files under --embedded_dir on first run and loaded from them");
+          "\"flux-tiny\" = a tiny FluxPipeline with random weights and tiny CLIP/T5 text "
+          "encoders (text prompts in, PNG images of noise out), written to files under "
+          "--embedded_dir on first run and loaded from them");
 ABSL_FLAG(std::string, embedded_dir, "",
           "Where embedded demo pipelines' files are written (default: "
           "$XDG_CACHE_HOME/diffusion-server, else $HOME/.cache/diffusion-server, else "
