@@ -21,6 +21,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "diffusion/v1/diffusion.grpc.pb.h"
 #include "handlers/digest.h"
@@ -514,6 +515,182 @@ TEST_F(CliRemoteTest, GenerateImagesOnAPipelineInstance) {
   r = Cli({"generate", "--model=pipe", "--inputs", empty_inputs, "-o", out});
   EXPECT_EQ(r.exit_code, kExitLocalError) << r;
   EXPECT_THAT(r.err, HasSubstr("prompt_embeds"));
+}
+
+// IP-Adapters through the CLI on the golden dev pipeline: load-ip-adapter (management) with the
+// golden adapter and CLIP vision encoder, models/metadata list it, generate --ip_adapter sends the
+// local PNG (scale 0 = the plain image bytes; scale 1 reproduces the golden diffusers image within
+// one level, as does --ip_adapter_embeds with the golden image embeddings), per-layer scale lists,
+// local mistakes refused before any call, the server's NOT_FOUND for unknown names, unload.
+TEST_F(CliRemoteTest, IPAdapterLifecycleAndImagePrompts) {
+  StartServer();
+  const fs::path golden = GoldenDir();
+  const fs::path ip_dir = golden / "conditioning" / "ip_adapter";
+  const fs::path vision_dir = golden / "conditioning" / "clip_vision";
+  fs::copy(golden / "pipeline" / "flux_pipeline" / "dev", fs::path(models_) / "pipe",
+           fs::copy_options::recursive);
+  fs::copy(vision_dir / "clip_vision_encoder", fs::path(models_) / "clip-vision",
+           fs::copy_options::recursive);
+  fs::copy_file(ip_dir / "ip_adapter.safetensors", fs::path(adapters_) / "ip.safetensors");
+  CliResult r = Cli({"load-single-file", TokenFlag(), "--name=pipe", "--path=pipe"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_TRUE(StubMetadata("pipe").limits().supports_ip_adapter());
+
+  // load-ip-adapter: a management call; the printed info is the server's.
+  const std::vector<std::string> load = {"load-ip-adapter", "--model=pipe", "--name=style",
+                                         "--path=ip.safetensors",
+                                         "--image-encoder-path=clip-vision"};
+  r = Cli(load);
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_TRUE(absl::StartsWith(r.err, "error: UNAUTHENTICATED: ")) << r;
+  std::vector<std::string> with_token = load;
+  with_token.push_back(TokenFlag());
+  r = Cli(with_token);
+  ASSERT_EQ(r.exit_code, 0) << r;
+  pb::ListModelsResponse list;
+  ASSERT_TRUE(stub_->ListModels(Context().get(), {}, &list).ok());
+  std::optional<pb::IPAdapterInfo> info;
+  for (const pb::ModelInstance& m : list.models()) {
+    if (m.name() == "pipe" && m.ip_adapters_size() == 1) info = m.ip_adapters(0);
+  }
+  ASSERT_TRUE(info.has_value());
+  EXPECT_EQ(info->name(), "style");
+  EXPECT_THAT(r.out, HasSubstr("loaded IP-Adapter style: " + info->format()));
+  EXPECT_THAT(r.out, HasSubstr(absl::StrCat(info->num_layers(), " layers")));
+  EXPECT_THAT(r.out, HasSubstr(absl::StrCat("embed dim ", info->image_embed_dim())));
+  EXPECT_THAT(r.out, HasSubstr("image encoder clip-vision"));
+  with_token.push_back("--replace");
+  r = Cli(with_token);
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("replaced IP-Adapter style"));
+  // models: the pipeline's row lists it; metadata shows it.
+  r = Cli({"models"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("IP-ADAPTERS"));
+  bool listed = false;
+  for (absl::string_view line : absl::StrSplit(r.out, '\n')) {
+    if (absl::StartsWith(line, "pipe ")) listed = absl::EndsWith(line, "  style");
+  }
+  EXPECT_TRUE(listed) << r;
+  r = Cli({"metadata", "pipe"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("ip-adapters:\n    style  " + info->format()));
+
+  // The golden IP-Adapter pipeline case: its embeddings and noise; size, steps and guidance from
+  // its recorded tensors.
+  auto ref = LoadSafetensorsWeights((ip_dir / "pipeline_scale1.0.safetensors").string());
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  TensorMap in;
+  in["prompt_embeds"] = ref->at("inputs/prompt_embeds");
+  in["pooled_prompt_embeds"] = ref->at("inputs/pooled_prompt_embeds");
+  in["noise"] = ref->at("inputs/latents_unpacked");
+  const std::string inputs = tmp_.File("ip-inputs.safetensors");
+  ASSERT_TRUE(WriteSafetensors(inputs, in).ok());
+  const torch::Tensor expected = ref->at("final/image_uint8")[0];  // [H, W, 3]
+  const std::string image = (vision_dir / "image.png").string();
+  auto generate = [&](const std::string& out, std::vector<std::string> extra) {
+    std::vector<std::string> args = {
+        "generate",
+        "--model=pipe",
+        "--inputs",
+        inputs,
+        "--width",
+        absl::StrCat(expected.size(1)),
+        "--height",
+        absl::StrCat(expected.size(0)),
+        absl::StrCat("--steps=", ref->at("timesteps").numel()),
+        absl::StrCat("--guidance=", ref->at("step/0/guidance_in").item<double>()),
+        "-o",
+        out};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Cli(args);
+  };
+  auto expect_golden = [&](const std::string& png) {
+    auto rgb = DecodePng(test::ReadFileBytes(png));
+    ASSERT_TRUE(rgb.ok()) << rgb.status();
+    ASSERT_EQ(rgb->sizes(), expected.sizes());
+    const torch::Tensor diff = (rgb->to(torch::kInt32) - expected.to(torch::kInt32)).abs();
+    EXPECT_LE(diff.max().item<int64_t>(), 1) << png;
+    EXPECT_LE(diff.gt(0).sum().item<int64_t>(), diff.numel() / 1000 + 1) << png;
+  };
+  const std::string plain = tmp_.File("plain.png"), zero = tmp_.File("zero.png"),
+                    one = tmp_.File("one.png");
+  r = generate(plain, {});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, Not(HasSubstr("ip-adapters:")));
+  r = generate(zero, {"--ip_adapter=style=" + image + ":0"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("ip-adapters: style (scale 0)"));
+  EXPECT_EQ(test::ReadFileBytes(zero), test::ReadFileBytes(plain));
+  r = generate(one, {"--ip-adapter", "style=" + image});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("ip-adapters: style"));
+  EXPECT_NE(test::ReadFileBytes(one), test::ReadFileBytes(plain));
+  expect_golden(one);
+  // One scale per conditioned layer, all 1: the same image as the single scale 1.
+  std::vector<std::string> ones(static_cast<size_t>(info->num_layers()), "1");
+  const std::string per_layer = tmp_.File("per-layer.png");
+  r = generate(per_layer, {"--ip_adapter=style=" + image + ":" + absl::StrJoin(ones, ",")});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_EQ(test::ReadFileBytes(per_layer), test::ReadFileBytes(one));
+  // Precomputed embeddings (diffusers' own image_embeds of the same image).
+  TensorMap embeds;
+  embeds["image_embeds"] = ref->at("inputs/ip_adapter_image_embeds");
+  const std::string embeds_file = tmp_.File("embeds.safetensors");
+  ASSERT_TRUE(WriteSafetensors(embeds_file, embeds).ok());
+  const std::string from_embeds = tmp_.File("embeds.png");
+  r = generate(from_embeds, {"--ip_adapter_embeds", "style=" + embeds_file + ":1"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  expect_golden(from_embeds);
+
+  // Local mistakes: exit 1, named flag, nothing written.
+  const std::string bad = tmp_.File("bad.png");
+  r = generate(bad, {"--ip_adapter=style=" + tmp_.File("missing.png")});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_TRUE(absl::StartsWith(r.err, "error: NOT_FOUND: --ip_adapter")) << r;
+  EXPECT_THAT(r.err, HasSubstr("missing.png"));
+  r = generate(bad, {"--ip_adapter=style=" + image + ":1,lots"});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: INVALID_ARGUMENT: --ip_adapter"));
+  EXPECT_THAT(r.err, HasSubstr("SCALE '1,lots'"));
+  r = generate(bad, {"--ip_adapter=" + image});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("expected NAME=IMAGE.png"));
+  r = generate(bad, {"--ip_adapter=style=" + embeds_file});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("is not a PNG"));
+  r = generate(bad, {"--ip_adapter_embeds=style=" + inputs});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("--ip_adapter_embeds"));
+  EXPECT_THAT(r.err, HasSubstr("no tensor 'image_embeds'"));
+  EXPECT_FALSE(fs::exists(bad));
+  r = Cli({"generate", "--model=default", "--inputs", inputs, "--ip_adapter=style=" + image, "-o",
+           tmp_.File("bare.safetensors")});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("pipeline instance"));
+  r = Cli({"generate", "--pipeline", (fs::path(models_) / "pipe").string(), "--inputs", inputs,
+           "--ip_adapter=style=" + image, "-o", bad});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("in-process"));
+  // The server's answers: an unknown name, a scale list of the wrong length.
+  r = generate(bad, {"--ip_adapter=nope=" + image});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: NOT_FOUND: "));
+  EXPECT_THAT(r.err, HasSubstr("'nope'"));
+  ones.push_back("1");
+  r = generate(bad, {"--ip_adapter=style=" + image + ":" + absl::StrJoin(ones, ",")});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: INVALID_ARGUMENT: "));
+
+  // unload-ip-adapter (management): afterwards the name is unknown.
+  r = Cli({"unload-ip-adapter", "--model=pipe", "--name=style", TokenFlag()});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("unloaded IP-Adapter style"));
+  const pb::GetMetadataResponse after = StubMetadata("pipe");
+  EXPECT_EQ(after.instance().ip_adapters_size(), 0);
+  r = generate(bad, {"--ip_adapter=style=" + image});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("error: NOT_FOUND: "));
 }
 
 TEST_F(CliRemoteTest, ManagementCredentialsAndPaths) {

@@ -192,7 +192,8 @@ function deadline(seconds) {
 // A connection to one diffusion-server.
 //
 // target: 'host:port'. Options: token (the admin bearer token, sent as `authorization: Bearer
-// <token>` on management calls only: LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA);
+// <token>` on management calls only: LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA,
+// LoadIPAdapter, UnloadIPAdapter);
 // rootCertificates (a Buffer with the PEM of the CA of a server run with --tls_cert; default
 // plaintext); timeoutSeconds (deadline of the read-only calls, default 60); maxMessageBytes;
 // protoRoot (folder holding diffusion/v1/diffusion.proto).
@@ -295,6 +296,21 @@ class DiffusionClient {
     return this.unary('UnloadLoRA', {model, name}, {admin: true, timeoutSeconds});
   }
 
+  // Loads an IP-Adapter into pipeline instance `model` (GetMetadata's limits.supports_ip_adapter)
+  // from `filePath` under the server's --adapter_root, with the image encoder folder
+  // `imageEncoderPath` under its --model_root ('' = the pipeline's image_encoder component).
+  // Resolves to LoadIPAdapterResponse (adapter info: format, num_layers, image_embed_dim, ...).
+  loadIPAdapter(model, name, filePath, {imageEncoderPath = '', replace = false,
+    timeoutSeconds} = {}) {
+    return this.unary('LoadIPAdapter',
+        {model, name, path: filePath, image_encoder_path: imageEncoderPath, replace},
+        {admin: true, timeoutSeconds});
+  }
+
+  unloadIPAdapter(model, name, {timeoutSeconds} = {}) {
+    return this.unary('UnloadIPAdapter', {model, name}, {admin: true, timeoutSeconds});
+  }
+
   // ---- Generate ----
 
   // Runs a generation on a bare transformer instance. inputs: {input name: Tensor} (the model's
@@ -331,12 +347,15 @@ class DiffusionClient {
   // options: pooledPromptEmbeds, width, height (0 = the pipeline's default; multiples of
   // limits.image_size_multiple), numImages, seed, steps, guidance, trueCfgScale with
   // negativePromptEmbeds / negativePooledPromptEmbeds, noise (initial latents, unpacked), adapters,
-  // returnLatents (default false), onProgress, timeoutSeconds. Resolves like generate(), with one
-  // PNG Buffer per image in `images`.
+  // ipAdapters (image prompts through IP-Adapters loaded with loadIPAdapter: [{name, image (a
+  // Buffer with a PNG file) or imageEmbeds (a Tensor [E], [1, E] or [1, N, E]), scale (a Number,
+  // or an array with one per conditioned layer; default 1)}]), returnLatents (default false),
+  // onProgress, timeoutSeconds. Resolves like generate(), with one PNG Buffer per image in
+  // `images`.
   generateImages(model, promptEmbeds, {pooledPromptEmbeds, width = 0, height = 0, numImages = 0,
     seed = 0, steps = 0, guidance = 0, trueCfgScale = 0, negativePromptEmbeds,
-    negativePooledPromptEmbeds, noise, adapters = [], returnLatents = false, onProgress,
-    timeoutSeconds = 600} = {}) {
+    negativePooledPromptEmbeds, noise, adapters = [], ipAdapters = [], returnLatents = false,
+    onProgress, timeoutSeconds = 600} = {}) {
     let request;
     try {
       request = {
@@ -346,6 +365,7 @@ class DiffusionClient {
         output: returnLatents ? 'OUTPUT_PNG_AND_LATENTS' : 'OUTPUT_PNG',
         prompt_embeds: promptEmbeds.toProto(),
         adapters: adapters.map((a) => (typeof a === 'string' ? {name: a} : a)),
+        ip_adapters: ipAdapters.map(ipAdapterInput),
       };
       if (pooledPromptEmbeds) request.pooled_prompt_embeds = pooledPromptEmbeds.toProto();
       if (negativePromptEmbeds) request.negative_prompt_embeds = negativePromptEmbeds.toProto();
@@ -407,6 +427,25 @@ class DiffusionClient {
       });
     });
   }
+}
+
+// One GenerateRequest.ip_adapters entry from {name, image | imageEmbeds, scale}; throws TypeError
+// for another form (naming the entry).
+function ipAdapterInput({name, image, imageEmbeds, scale} = {}, i) {
+  const what = `ipAdapters[${i}]`;
+  if (typeof name !== 'string' || name === '') throw new TypeError(`${what}: name required`);
+  if ((image === undefined) === (imageEmbeds === undefined)) {
+    throw new TypeError(`${what}: give exactly one of image (PNG bytes) and imageEmbeds`);
+  }
+  const input = {name, scale: scale === undefined ? [] : [].concat(scale).map(Number)};
+  if (image !== undefined) {
+    if (!(image instanceof Uint8Array)) throw new TypeError(`${what}.image: not a Buffer`);
+    input.image = Buffer.from(image);
+  } else {
+    if (!(imageEmbeds instanceof Tensor)) throw new TypeError(`${what}.imageEmbeds: not a Tensor`);
+    input.image_embeds = imageEmbeds.toProto();
+  }
+  return input;
 }
 
 // ------------------------------------------------------------------------------------------------

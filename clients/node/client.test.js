@@ -7,7 +7,8 @@
 // The server gets temporary --model_root/--adapter_root and an admin token file. The golden LoRA
 // base model (a diffusers folder) is copied under the model root and loaded with LoadSingleFile;
 // the golden LoRA cases whose source format the model's `_lora` feature row lists are copied under
-// the adapter root and loaded with LoadLoRA.
+// the adapter root and loaded with LoadLoRA. The golden dev pipeline folder, CLIP vision encoder
+// and IP-Adapter (conditioning/) are copied too, for the IP-Adapter calls.
 'use strict';
 
 const assert = require('node:assert/strict');
@@ -105,6 +106,15 @@ before(async () => {
     fs.copyFileSync(path.join(golden, name, 'input.safetensors'),
         path.join(state.adapterRoot, `${name}.safetensors`));
   }
+  // The golden dev pipeline with the golden IP-Adapter and its image encoder.
+  const conditioning = path.join(envPath('DS_GOLDEN_DIR'), 'conditioning');
+  fs.cpSync(path.join(envPath('DS_GOLDEN_DIR'), 'pipeline', 'flux_pipeline', 'dev'),
+      path.join(state.modelRoot, 'ip-pipe'), {recursive: true});
+  fs.cpSync(path.join(conditioning, 'clip_vision', 'clip_vision_encoder'),
+      path.join(state.modelRoot, 'clip-vision'), {recursive: true});
+  fs.copyFileSync(path.join(conditioning, 'ip_adapter', 'ip_adapter.safetensors'),
+      path.join(state.adapterRoot, 'ip.safetensors'));
+  state.ipImage = path.join(conditioning, 'clip_vision', 'image.png');
   const tokenFile = path.join(state.root, 'token');
   fs.writeFileSync(tokenFile, `${TOKEN}\n`);
   const server = await startServer(binary, state.root, [`--admin_token_file=${tokenFile}`,
@@ -254,6 +264,58 @@ test('generateImages on the embedded flux-tiny pipeline: PNG size, seeded determ
   const two = await run(5, 2);
   assert.equal(two.images.length, 2);
   assert.ok(!two.images[0].equals(two.images[1]), 'two images per prompt are the same');
+});
+
+test('IP-Adapters: load, image prompts (scale 0 = plain), unload, status codes', async () => {
+  const png = fs.readFileSync(state.ipImage);
+  // The embedded flux-tiny pipeline takes IP-Adapters; one it does not hold is NOT_FOUND.
+  const tiny = await state.client.getMetadata('flux-tiny');
+  assert.equal(tiny.limits.supports_ip_adapter, true);
+  let embeds = randomPromptEmbeds(tiny.limits, {textTokens: 3, seed: 1});
+  let side = Number(tiny.limits.image_size_multiple);
+  await assert.rejects(state.client.generateImages('flux-tiny', embeds.promptEmbeds, {
+    pooledPromptEmbeds: embeds.pooledPromptEmbeds, width: side, height: side, steps: 1,
+    ipAdapters: [{name: 'nope', image: png, scale: 1}]}),
+  (err) => err.code === grpc.status.NOT_FOUND && err.details.includes('nope'));
+  await assert.rejects(state.client.generateImages('flux-tiny', embeds.promptEmbeds,
+      {ipAdapters: [{name: 'nope'}]}), TypeError);
+  // A bare transformer instance takes none.
+  await rejectsWithCode(state.client.loadIPAdapter('golden', 'style', 'ip.safetensors'),
+      grpc.status.FAILED_PRECONDITION);
+
+  // The golden dev pipeline with the golden adapter and encoder.
+  await state.client.loadSingleFile('ip-pipe', 'ip-pipe');
+  try {
+    const {adapter: info} = await state.client.loadIPAdapter('ip-pipe', 'style', 'ip.safetensors',
+        {imageEncoderPath: 'clip-vision'});
+    assert.deepEqual([info.name, info.image_encoder], ['style', 'clip-vision']);
+    assert.ok(info.num_layers > 0);
+    const listed = (await state.client.listModels()).models.find((m) => m.name === 'ip-pipe');
+    assert.deepEqual(listed.ip_adapters.map((a) => a.name), ['style']);
+    const meta = await state.client.getMetadata('ip-pipe');
+    embeds = randomPromptEmbeds(meta.limits, {textTokens: 4, seed: 2});
+    side = Number(meta.limits.image_size_multiple);
+    const run = (ipAdapters = []) => state.client.generateImages('ip-pipe', embeds.promptEmbeds, {
+      pooledPromptEmbeds: embeds.pooledPromptEmbeds, width: 2 * side, height: side, seed: 3,
+      steps: 2, ipAdapters});
+    const plain = await run();
+    const zero = await run([{name: 'style', image: png, scale: 0}]);
+    const one = await run([{name: 'style', image: png}]);
+    const perLayer = await run([{name: 'style', image: png,
+      scale: Array(info.num_layers).fill(1)}]);
+    assert.ok(zero.images[0].equals(plain.images[0]), 'scale 0 differs from no adapter');
+    assert.ok(!one.images[0].equals(plain.images[0]), 'image prompt ignored');
+    assert.ok(perLayer.images[0].equals(one.images[0]), 'per-layer 1s differ from scale 1');
+    assert.deepEqual(one.result.ip_adapters.map((a) => a.name), ['style']);
+    assert.ok(one.result.image_encode_seconds > 0);
+    const imageEmbeds = new Tensor(new Float32Array(info.image_embed_dim).fill(0.5),
+        [1, info.image_embed_dim]);
+    assert.ok(!(await run([{name: 'style', imageEmbeds}])).images[0].equals(plain.images[0]));
+    await state.client.unloadIPAdapter('ip-pipe', 'style');
+    await rejectsWithCode(state.client.unloadIPAdapter('ip-pipe', 'style'), grpc.status.NOT_FOUND);
+  } finally {
+    await state.client.unloadModel('ip-pipe');
+  }
 });
 
 test('Generate: an onProgress error cancels the call and rejects with it', async () => {

@@ -6,7 +6,8 @@ PYTHONPATH holds this folder and the generated stubs. CTest sets all three (clie
 The server gets temporary --model_root/--adapter_root and an admin token file. The golden LoRA base
 model (a diffusers folder) is copied under the model root and loaded with LoadSingleFile; the
 golden LoRA cases whose source format the model's `_lora` feature row lists are copied under the
-adapter root and loaded with LoadLoRA.
+adapter root and loaded with LoadLoRA. The golden dev pipeline folder, CLIP vision encoder and
+IP-Adapter (conditioning/) are copied too, for the IP-Adapter calls.
 """
 
 import hashlib
@@ -117,6 +118,16 @@ class ClientTest(unittest.TestCase):
                 cls.cases[case] = json.load(f)
             shutil.copyfile(os.path.join(golden, case, "input.safetensors"),
                             os.path.join(cls.adapter_root, f"{case}.safetensors"))
+        # The golden dev pipeline with the golden IP-Adapter and its image encoder.
+        golden_root = _env_path("DS_GOLDEN_DIR")
+        conditioning = os.path.join(golden_root, "conditioning")
+        shutil.copytree(os.path.join(golden_root, "pipeline", "flux_pipeline", "dev"),
+                        os.path.join(cls.model_root, "ip-pipe"))
+        shutil.copytree(os.path.join(conditioning, "clip_vision", "clip_vision_encoder"),
+                        os.path.join(cls.model_root, "clip-vision"))
+        shutil.copyfile(os.path.join(conditioning, "ip_adapter", "ip_adapter.safetensors"),
+                        os.path.join(cls.adapter_root, "ip.safetensors"))
+        cls.ip_image = os.path.join(conditioning, "clip_vision", "image.png")
         token_file = os.path.join(root, "token")
         with open(token_file, "w") as f:
             f.write(TOKEN + "\n")
@@ -265,6 +276,61 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(len(two.images), 2)
         self.assertNotEqual(two.images[0], two.images[1])
         self.assertEqual([dc.png_size(i) for i in two.images], [(width, height)] * 2)
+
+    def test_ip_adapters(self):
+        with open(self.ip_image, "rb") as f:
+            png = f.read()
+        # The embedded flux-tiny pipeline takes IP-Adapters; one it does not hold is NOT_FOUND.
+        tiny = self.client.get_metadata("flux-tiny")
+        self.assertTrue(tiny.limits.supports_ip_adapter)
+        prompt, pooled = dc.random_prompt_embeds(tiny.limits, text_tokens=3, seed=1)
+        side = tiny.limits.image_size_multiple
+        with self.assertRaises(grpc.RpcError) as err:
+            self.client.generate_images("flux-tiny", prompt, pooled, width=side, height=side,
+                                        steps=1, ip_adapters=[("nope", png, 1.0)])
+        self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
+        self.assertIn("nope", err.exception.details())
+        with self.assertRaises(ValueError):
+            self.client.generate_images("flux-tiny", prompt, pooled, ip_adapters=[("nope",)])
+        # A bare transformer instance takes none.
+        with self.assertRaises(grpc.RpcError) as err:
+            self.client.load_ip_adapter("golden", "style", "ip.safetensors")
+        self.assertEqual(err.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+
+        # The golden dev pipeline with the golden adapter and encoder.
+        self.client.load_single_file("ip-pipe", "ip-pipe")
+        try:
+            loaded = self.client.load_ip_adapter("ip-pipe", "style", "ip.safetensors",
+                                                 image_encoder_path="clip-vision")
+            info = loaded.adapter
+            self.assertEqual((info.name, info.image_encoder), ("style", "clip-vision"))
+            self.assertGreater(info.num_layers, 0)
+            listed = {m.name: m for m in self.client.list_models().models}["ip-pipe"]
+            self.assertEqual([a.name for a in listed.ip_adapters], ["style"])
+            meta = self.client.get_metadata("ip-pipe")
+            prompt, pooled = dc.random_prompt_embeds(meta.limits, text_tokens=4, seed=2)
+            side = meta.limits.image_size_multiple
+
+            def run(ip_adapters=()):
+                return self.client.generate_images("ip-pipe", prompt, pooled, width=2 * side,
+                                                   height=side, seed=3, steps=2,
+                                                   ip_adapters=ip_adapters)
+
+            plain, zero = run(), run([("style", png, 0.0)])
+            one, per_layer = run([("style", png)]), run([("style", png, [1.0] * info.num_layers)])
+            self.assertEqual(zero.images, plain.images)  # scale 0 = no adapter, bit for bit
+            self.assertNotEqual(one.images, plain.images)
+            self.assertEqual(per_layer.images, one.images)
+            self.assertEqual([a.name for a in one.result.ip_adapters], ["style"])
+            self.assertGreater(one.result.image_encode_seconds, 0.0)
+            embeds = dc.Tensor([0.5] * info.image_embed_dim, (1, info.image_embed_dim))
+            self.assertNotEqual(run([("style", embeds)]).images, plain.images)
+            self.client.unload_ip_adapter("ip-pipe", "style")
+            with self.assertRaises(grpc.RpcError) as err:
+                self.client.unload_ip_adapter("ip-pipe", "style")
+            self.assertEqual(err.exception.code(), grpc.StatusCode.NOT_FOUND)
+        finally:
+            self.client.unload_model("ip-pipe")
 
     def test_progress_callback_error_cancels(self):
         config = dc.DiffusionClient.config(self.client.get_metadata("default"))

@@ -155,7 +155,8 @@ class DiffusionClient:
     """A connection to one diffusion-server.
 
     target: "host:port". token: the admin bearer token, sent (as `authorization: Bearer <token>`)
-    on management calls only (LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA). root_certificates:
+    on management calls only (LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA, LoadIPAdapter,
+    UnloadIPAdapter). root_certificates:
     PEM bytes of the CA that signed the server's certificate, for a server run with --tls_cert
     (None: plaintext). timeout: default per-call deadline in seconds for the read-only calls.
     """
@@ -252,13 +253,28 @@ class DiffusionClient:
         return self._stub.UnloadLoRA(pb.UnloadLoRARequest(model=model, name=name),
                                      metadata=self._admin(), timeout=timeout)
 
+    def load_ip_adapter(self, model, name, path, image_encoder_path="", replace=False,
+                        timeout=_MANAGEMENT_TIMEOUT_S):
+        """Loads an IP-Adapter into pipeline instance `model` (GetMetadata's
+        limits.supports_ip_adapter) from `path` under the server's --adapter_root, with the image
+        encoder folder `image_encoder_path` under its --model_root ("" = the pipeline's
+        image_encoder component). Returns LoadIPAdapterResponse (adapter info: format, num_layers,
+        image_embed_dim, ...)."""
+        request = pb.LoadIPAdapterRequest(model=model, name=name, path=path,
+                                          image_encoder_path=image_encoder_path, replace=replace)
+        return self._stub.LoadIPAdapter(request, metadata=self._admin(), timeout=timeout)
+
+    def unload_ip_adapter(self, model, name, timeout=_MANAGEMENT_TIMEOUT_S):
+        return self._stub.UnloadIPAdapter(pb.UnloadIPAdapterRequest(model=model, name=name),
+                                          metadata=self._admin(), timeout=timeout)
+
     # ---- Generate -------------------------------------------------------------------------------
 
     def generate_images(self, model, prompt_embeds, pooled_prompt_embeds=None, width=0, height=0,
                         num_images=0, seed=0, steps=0, guidance=0.0, true_cfg_scale=0.0,
                         negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-                        noise=None, adapters=(), return_latents=False, on_progress=None,
-                        timeout=600.0):
+                        noise=None, adapters=(), ip_adapters=(), return_latents=False,
+                        on_progress=None, timeout=600.0):
         """Runs a pipeline instance (ListModels' pipeline_class set, e.g. the embedded
         "flux-tiny") and returns a GenerateOutput whose `images` are the PNG bytes, one per image.
 
@@ -268,6 +284,10 @@ class DiffusionClient:
         generate_limits.image_size_multiple). true_cfg_scale > 1 with negative embeddings runs true
         classifier-free guidance. noise: optional initial latents (unpacked [B, C, h, w]); otherwise
         the server draws them from `seed`. adapters and on_progress as in generate().
+        ip_adapters: image prompts through IP-Adapters loaded with load_ip_adapter, an iterable of
+        (name, image) or (name, image, scale): image the PNG file's bytes or a Tensor of image
+        embeddings ([E], [1, E] or [1, N, E]); scale a number or a list with one per conditioned
+        layer (default 1). ValueError for an entry of another form.
         """
         request = pb.GenerateRequest(model=model, seed=seed, steps=steps, guidance=guidance,
                                      width=width, height=height, num_images=num_images,
@@ -282,7 +302,28 @@ class DiffusionClient:
             if tensor is not None:
                 getattr(request, field).CopyFrom(tensor.to_proto())
         self._add_adapters(request, adapters)
+        self._add_ip_adapters(request, ip_adapters)
         return self._run_generate(request, on_progress, timeout)
+
+    @staticmethod
+    def _add_ip_adapters(request, ip_adapters):
+        for i, entry in enumerate(ip_adapters):
+            if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+                raise ValueError(f"ip_adapters[{i}]: expected (name, image) or (name, image, "
+                                 f"scale), got {entry!r}")
+            name, image = entry[0], entry[1]
+            ip = request.ip_adapters.add(name=name)
+            if isinstance(image, Tensor):
+                ip.image_embeds.CopyFrom(image.to_proto())
+            elif isinstance(image, (bytes, bytearray, memoryview)):
+                ip.image = bytes(image)
+            else:
+                raise ValueError(f"ip_adapters[{i}]: the image must be PNG bytes or a Tensor of "
+                                 f"image embeddings, got {type(image).__name__}")
+            if len(entry) == 3:
+                scale = entry[2]
+                ip.scale.extend(float(v) for v in (scale if isinstance(scale, (list, tuple))
+                                                   else (scale,)))
 
     @staticmethod
     def _add_adapters(request, adapters):

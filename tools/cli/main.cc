@@ -47,16 +47,25 @@
 //                         [--allow-partial] [--replace] [--pin]
 //   diffusion-cli unload-lora [--model M] --name N
 //   diffusion-cli loras [--model M]              adapters, memory used / budget
+//   diffusion-cli load-ip-adapter [--model M] --name N --path P [--image_encoder_path E]
+//                         [--replace]            an IP-Adapter under the server's adapter root,
+//                                                its image encoder under its model root
+//   diffusion-cli unload-ip-adapter [--model M] --name N
 //   diffusion-cli health [--service NAME]        exit 0 only if SERVING
 //   diffusion-cli generate [--model M] --inputs IN.safetensors -o OUT.safetensors|OUT.png
 //                         [--latent-shape B,T,C] [--steps N] [--seed S] [--guidance G]
 //                         [--lora NAME[:WEIGHT]]...
+//                         [--ip_adapter NAME=IMAGE.png[:SCALE]]...
+//                         [--ip_adapter_embeds NAME=FILE.safetensors[:SCALE]]...
 //                                                progress bar on stderr; --lora names a loaded
 //                                                adapter here (forward's --lora is FILE[:W])
 //                         on a pipeline instance: [--width W] [--height H] [--num-images N]
 //                         [--true-cfg-scale S] instead of --latent-shape; IN holds prompt_embeds,
 //                         pooled_prompt_embeds (optional negative_*, noise; "inputs/" prefix ok)
-//                         and OUT.png gets the image (OUT_1.png, ... further images)
+//                         and OUT.png gets the image (OUT_1.png, ... further images);
+//                         --ip_adapter sends a local PNG as an image prompt of the loaded
+//                         IP-Adapter NAME (--ip_adapter_embeds: FILE's tensor image_embeds);
+//                         SCALE is a number or a comma list, one per layer (default 1)
 //   exit codes: 0 ok; 1 bad invocation or local failure; 2 unknown command; 3 the server (or the
 //   transport) answered with an error, printed as "error: <CODE_NAME>: <message>"; 4 health: not
 //   SERVING
@@ -68,6 +77,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -127,6 +137,16 @@ ABSL_FLAG(std::string, lora, "",
           "generate: NAME[:WEIGHT], an adapter loaded on the server; repeat the flag to stack "
           "adapters");
 ABSL_FLAG(int, threads, 0, "LibTorch intra-op threads (0 = number of cores)");
+ABSL_FLAG(std::string, ip_adapter, "",
+          "generate (remote, pipeline instance): NAME=IMAGE.png[:SCALE], an image prompt: the "
+          "local PNG is sent for the loaded IP-Adapter NAME; SCALE is one number or a comma list "
+          "with one per conditioned layer (default 1); repeatable");
+ABSL_FLAG(std::string, ip_adapter_embeds, "",
+          "generate (remote, pipeline instance): NAME=FILE.safetensors[:SCALE], precomputed image "
+          "embeddings (FILE's tensor 'image_embeds') for the loaded IP-Adapter NAME; repeatable");
+ABSL_FLAG(std::string, image_encoder_path, "",
+          "load-ip-adapter: the image encoder (a CLIPVisionModelWithProjection folder) under the "
+          "server's model root (empty = the pipeline's image_encoder component)");
 
 // Remote commands (tools/cli/remote.h).
 ABSL_FLAG(std::string, pipeline, "",
@@ -139,11 +159,14 @@ ABSL_FLAG(std::string, tls_ca, "",
           "remote commands: PEM root certificates; connect with TLS (plaintext without)");
 ABSL_FLAG(double, timeout, 0, "remote commands: deadline of each call in seconds (0 = none)");
 ABSL_FLAG(std::string, name, "",
-          "load-single-file, unload-model: instance name; load-lora, unload-lora: adapter name");
+          "load-single-file, unload-model: instance name; load-lora, unload-lora, "
+          "load-ip-adapter, unload-ip-adapter: adapter name");
 ABSL_FLAG(std::string, path, "",
-          "load-single-file, load-lora: server-side path, under the server's model/adapter root");
+          "load-single-file, load-lora, load-ip-adapter: server-side path, under the server's "
+          "model/adapter root");
 ABSL_FLAG(std::string, file, "", "load-lora: local LoRA file whose bytes are sent inline");
-ABSL_FLAG(bool, replace, false, "load-single-file, load-lora: replace one of the same name");
+ABSL_FLAG(bool, replace, false,
+          "load-single-file, load-lora, load-ip-adapter: replace one of the same name");
 ABSL_FLAG(bool, pin, false, "load-lora: never evict the adapter under memory pressure");
 ABSL_FLAG(std::string, format_hint, "",
           "load-lora: expected LoRA format (kohya, xlabs, ...); a mismatch is an error");
@@ -220,6 +243,11 @@ constexpr char kUsage[] =
     "[--allow-partial] [--replace] [--pin] [--weight W]\n"
     "  diffusion-cli unload-lora [--model M] --name N\n"
     "  diffusion-cli loras [--model M]\n"
+    "  diffusion-cli load-ip-adapter [--model M] --name N --path P [--image_encoder_path E] "
+    "[--replace]\n"
+    "      (P under the server's adapter root; E, a CLIPVisionModelWithProjection folder, under\n"
+    "      its model root; default: the pipeline's image_encoder component)\n"
+    "  diffusion-cli unload-ip-adapter [--model M] --name N\n"
     "  diffusion-cli health [--service NAME]\n"
     "  diffusion-cli generate [--model M] --inputs IN.safetensors -o OUT.safetensors|OUT.png "
     "[--latent-shape B,T,C] [--steps N] [--seed S] [--guidance G] [--lora NAME[:WEIGHT]]...\n"
@@ -228,7 +256,9 @@ constexpr char kUsage[] =
     "      on a pipeline instance: [--width W] [--height H] [--num-images N] [--true-cfg-scale S];\n"
     "      --prompt TEXT [--prompt_2 TEXT] [--negative_prompt TEXT] [--max_sequence_length N]\n"
     "      (text encoders), or IN holding prompt_embeds and pooled_prompt_embeds; OUT.png gets\n"
-    "      the image\n"
+    "      the image; image prompts: [--ip_adapter NAME=IMAGE.png[:SCALE]]... (a local PNG for\n"
+    "      the loaded IP-Adapter NAME) [--ip_adapter_embeds NAME=FILE.safetensors[:SCALE]]...\n"
+    "      (FILE's tensor image_embeds); SCALE: a number or a comma list, one per layer (1)\n"
     "  exit codes: 0 ok, 1 bad invocation or local failure, 2 unknown command, 3 error from the\n"
     "  server (printed as 'error: CODE_NAME: message'), 4 health not SERVING\n"
     "  (all commands accept --threads N; flag names take '-' or '_')";
@@ -298,6 +328,12 @@ absl::Status Convert(const std::vector<char*>& args) {
 // Every --lora value, in order (the flag is repeatable; see ExtractLoraFlags).
 std::vector<std::string>& LoraFlags() {
   static std::vector<std::string> values;
+  return values;
+}
+
+// Every --ip_adapter / --ip_adapter_embeds value, in order (see ExtractRepeatableFlags).
+std::vector<cli::IPAdapterFlag>& IPAdapterFlags() {
+  static std::vector<cli::IPAdapterFlag> values;
   return values;
 }
 
@@ -491,6 +527,8 @@ cli::RemoteOptions RemoteOptionsFromFlags() {
   o.num_images = absl::GetFlag(FLAGS_num_images);
   o.true_cfg_scale = absl::GetFlag(FLAGS_true_cfg_scale);
   o.loras = LoraFlags();
+  o.ip_adapters = IPAdapterFlags();
+  o.image_encoder_path = absl::GetFlag(FLAGS_image_encoder_path);
   o.prompt = absl::GetFlag(FLAGS_prompt);
   o.prompt_2 = absl::GetFlag(FLAGS_prompt_2);
   o.negative_prompt = absl::GetFlag(FLAGS_negative_prompt);
@@ -535,19 +573,30 @@ std::vector<std::string> NormalizeFlagSpellings(int argc, char** argv) {
   return out;
 }
 
-// Takes every `--lora VALUE` / `--lora=VALUE` out of `args` into LoraFlags() (absl flags keep
-// only the last occurrence of a flag; --lora is repeatable).
-std::vector<std::string> ExtractLoraFlags(std::vector<std::string> args) {
+// Takes every `--lora VALUE` / `--lora=VALUE` out of `args` into LoraFlags(), and every
+// `--ip_adapter[_embeds] VALUE` (or `=VALUE`) into IPAdapterFlags(), in order (absl flags keep
+// only the last occurrence of a flag; these are repeatable). Runs after NormalizeFlagSpellings,
+// so '-' spellings arrive as '_'.
+std::vector<std::string> ExtractRepeatableFlags(std::vector<std::string> args) {
   std::vector<std::string> rest;
+  // The value of `name` at args[*i] ("--name=V" or "--name V"), advancing *i past it.
+  auto take = [&](std::size_t* i, const std::string& name) -> std::optional<std::string> {
+    const std::string flag = "--" + name;
+    if (absl::StartsWith(args[*i], flag + "=")) return args[*i].substr(flag.size() + 1);
+    if (args[*i] == flag && *i + 1 < args.size()) return args[++*i];
+    return std::nullopt;
+  };
   for (std::size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--") {
       rest.insert(rest.end(), args.begin() + static_cast<std::ptrdiff_t>(i), args.end());
       break;
     }
-    if (absl::StartsWith(args[i], "--lora=")) {
-      LoraFlags().push_back(args[i].substr(7));
-    } else if (args[i] == "--lora" && i + 1 < args.size()) {
-      LoraFlags().push_back(args[++i]);
+    if (auto v = take(&i, "lora")) {
+      LoraFlags().push_back(*v);
+    } else if (auto v = take(&i, "ip_adapter")) {
+      IPAdapterFlags().push_back({/*embeds=*/false, *v});
+    } else if (auto v = take(&i, "ip_adapter_embeds")) {
+      IPAdapterFlags().push_back({/*embeds=*/true, *v});
     } else {
       rest.push_back(args[i]);
     }
@@ -557,7 +606,7 @@ std::vector<std::string> ExtractLoraFlags(std::vector<std::string> args) {
 
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  std::vector<std::string> spelled = ExtractLoraFlags(NormalizeFlagSpellings(argc, argv));
+  std::vector<std::string> spelled = ExtractRepeatableFlags(NormalizeFlagSpellings(argc, argv));
   std::vector<char*> spelled_argv;
   for (std::string& a : spelled) spelled_argv.push_back(a.data());
   std::vector<char*> args =
@@ -586,6 +635,11 @@ int Main(int argc, char** argv) {
   } else if (command == "generate" && !absl::GetFlag(FLAGS_pipeline).empty()) {
     if (args.size() != 2) {
       status = absl::InvalidArgumentError("generate takes no positional arguments");
+    } else if (!IPAdapterFlags().empty()) {
+      status = absl::InvalidArgumentError(absl::StrCat(
+          IPAdapterFlags()[0].embeds ? "--ip_adapter_embeds" : "--ip_adapter",
+          ": generate --pipeline (in-process) takes no image prompts; load the pipeline into a "
+          "server and use load-ip-adapter + generate --model"));
     } else {
       status = cli::RunOfflineGenerate(absl::GetFlag(FLAGS_pipeline), RemoteOptionsFromFlags());
     }

@@ -264,7 +264,7 @@ absl::Status Models(Client& client) {
     return absl::OkStatus();
   }
   std::vector<std::vector<std::string>> rows = {
-      {"NAME", "CLASS", "STATE", "DTYPE", "DEVICE", "MEMORY", "ADAPTERS"}};
+      {"NAME", "CLASS", "STATE", "DTYPE", "DEVICE", "MEMORY", "ADAPTERS", "IP-ADAPTERS"}};
   for (const pb::ModelInstance& m : response.models()) {
     std::string class_name = m.class_name();
     if (!m.variant().empty()) absl::StrAppend(&class_name, " (", m.variant(), ")");
@@ -272,11 +272,24 @@ absl::Status Models(Client& client) {
     if (m.adapter_bytes() > 0) absl::StrAppend(&memory, " + ", FormatBytes(m.adapter_bytes()));
     std::vector<std::string> adapters;
     for (const pb::LoRAInfo& a : m.adapters()) adapters.push_back(a.name());
+    std::vector<std::string> ip_adapters;
+    for (const pb::IPAdapterInfo& a : m.ip_adapters()) ip_adapters.push_back(a.name());
     rows.push_back({m.name(), class_name, StateText(m), m.dtype(), m.device(), memory,
-                    adapters.empty() ? "-" : absl::StrJoin(adapters, ", ")});
+                    adapters.empty() ? "-" : absl::StrJoin(adapters, ", "),
+                    ip_adapters.empty() ? "-" : absl::StrJoin(ip_adapters, ", ")});
   }
   std::cout << RenderTable(rows);
   return absl::OkStatus();
+}
+
+// One line about a loaded IP-Adapter: layout, tokens, widths, memory, encoder.
+std::string IPAdapterSummary(const pb::IPAdapterInfo& a) {
+  return absl::StrCat(
+      a.format(), ", ", a.num_tokens(), " image tokens, embed dim ", a.image_embed_dim(), ", ",
+      a.num_layers(), " layers, ", FormatBytes(a.memory_bytes()), ", image encoder ",
+      a.image_encoder().empty() ? std::string("none (requests give image_embeds)")
+                                : absl::StrCat(a.image_encoder(), " (", a.image_size(), " px)"),
+      ", source ", a.path());
 }
 
 void PrintInstance(const pb::GetMetadataResponse& md) {
@@ -295,6 +308,17 @@ void PrintInstance(const pb::GetMetadataResponse& md) {
     std::cout << "  adapters:\n";
     for (const pb::LoRAInfo& a : m.adapters()) {
       std::cout << "    " << a.name() << "  " << a.format() << "  sha256 " << a.sha256() << "\n";
+    }
+  }
+  if (!m.pipeline_class().empty()) {
+    if (m.ip_adapters().empty()) {
+      std::cout << "  ip-adapters: none"
+                << (md.limits().supports_ip_adapter() ? "" : " (this pipeline takes none)") << "\n";
+    } else {
+      std::cout << "  ip-adapters:\n";
+      for (const pb::IPAdapterInfo& a : m.ip_adapters()) {
+        std::cout << "    " << a.name() << "  " << IPAdapterSummary(a) << "\n";
+      }
     }
   }
   std::cout << "  inputs:    required " << absl::StrJoin(md.required_inputs(), ", ")
@@ -460,6 +484,41 @@ absl::Status Loras(Client& client, const RemoteOptions& o) {
   return absl::OkStatus();
 }
 
+absl::Status LoadIPAdapter(Client& client, const RemoteOptions& o) {
+  const std::string command = "load-ip-adapter";
+  RETURN_IF_ERROR(Require(o.name, command, "--name", "the IP-Adapter name"));
+  RETURN_IF_ERROR(Require(o.path, command, "--path",
+                          "the IP-Adapter weights, under the server's adapter root"));
+  pb::LoadIPAdapterRequest request;
+  request.set_model(o.model);
+  request.set_name(o.name);
+  request.set_path(o.path);
+  request.set_image_encoder_path(o.image_encoder_path);
+  request.set_replace(o.replace);
+  pb::LoadIPAdapterResponse response;
+  RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
+    return client.stub().LoadIPAdapter(ctx, request, &response);
+  }));
+  const pb::IPAdapterInfo& a = response.adapter();
+  std::cout << (response.replaced() ? "replaced" : "loaded") << " IP-Adapter " << a.name() << ": "
+            << IPAdapterSummary(a) << "\n"
+            << absl::StrFormat("%.3f s\n", response.seconds());
+  return absl::OkStatus();
+}
+
+absl::Status UnloadIPAdapter(Client& client, const RemoteOptions& o) {
+  RETURN_IF_ERROR(Require(o.name, "unload-ip-adapter", "--name", "the IP-Adapter to unload"));
+  pb::UnloadIPAdapterRequest request;
+  request.set_model(o.model);
+  request.set_name(o.name);
+  pb::UnloadIPAdapterResponse response;
+  RETURN_IF_ERROR(client.Call(true, [&](grpc::ClientContext* ctx) {
+    return client.stub().UnloadIPAdapter(ctx, request, &response);
+  }));
+  std::cout << "unloaded IP-Adapter " << o.name << "\n";
+  return absl::OkStatus();
+}
+
 // OK with true when SERVING.
 absl::StatusOr<bool> Health(Client& client, const RemoteOptions& o) {
   auto health = hv1::Health::NewStub(client.channel());
@@ -492,6 +551,79 @@ absl::StatusOr<pb::AdapterWeight> ParseAdapterFlag(const std::string& value) {
         absl::StrCat("--lora '", value, "': no adapter NAME (generate takes NAME[:WEIGHT])"));
   }
   return adapter;
+}
+
+// SCALE of an image prompt flag: one finite number or a comma list of them (one per layer).
+absl::StatusOr<std::vector<double>> ParseIPAdapterScales(const std::string& text,
+                                                         const std::string& flag,
+                                                         const std::string& value) {
+  std::vector<double> scales;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    double scale = 0;
+    if (!absl::SimpleAtod(part, &scale) || !std::isfinite(scale)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, " '", value, "': SCALE '", text,
+          "' is not a finite number or a comma list of them (one per conditioned layer)"));
+    }
+    scales.push_back(scale);
+  }
+  return scales;
+}
+
+// --ip_adapter NAME=IMAGE.png[:SCALE] / --ip_adapter_embeds NAME=FILE.safetensors[:SCALE] of
+// generate (see remote.h): the request's image prompt, with the local file's PNG bytes or its
+// tensor `image_embeds`.
+absl::StatusOr<pb::IPAdapterInput> ParseIPAdapterFlag(const IPAdapterFlag& f) {
+  const std::string flag = f.embeds ? "--ip_adapter_embeds" : "--ip_adapter";
+  const std::string syntax = f.embeds ? "NAME=FILE.safetensors[:SCALE]" : "NAME=IMAGE.png[:SCALE]";
+  const size_t eq = f.value.find('=');
+  if (eq == std::string::npos || eq == 0 || eq + 1 == f.value.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " '", f.value, "': expected ", syntax,
+                     " (NAME a loaded IP-Adapter; SCALE a number or a comma list, one per layer)"));
+  }
+  pb::IPAdapterInput input;
+  input.set_name(f.value.substr(0, eq));
+  std::string file = f.value.substr(eq + 1);
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(file, ec)) {
+    const size_t colon = file.rfind(':');
+    if (colon != std::string::npos) {
+      ASSIGN_OR_RETURN(std::vector<double> scales,
+                       ParseIPAdapterScales(file.substr(colon + 1), flag, f.value));
+      for (double scale : scales) input.add_scale(scale);
+      file.resize(colon);
+    }
+  }
+  if (file.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " '", f.value, "': no file (expected ", syntax, ")"));
+  }
+  if (!f.embeds) {
+    ASSIGN_OR_RETURN(std::string bytes, ReadLocalFile(file, flag));
+    static constexpr char kPngSignature[] = "\x89PNG\r\n\x1a\n";
+    if (!absl::StartsWith(bytes, absl::string_view(kPngSignature, 8))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, ": '", file, "' is not a PNG image (image prompts are sent as PNG files)"));
+    }
+    input.set_image(std::move(bytes));
+    return input;
+  }
+  if (!std::filesystem::is_regular_file(file, ec)) {
+    return absl::NotFoundError(absl::StrCat(flag, ": '", file, "' is not a readable file"));
+  }
+  auto opened = SafetensorsFile::Open(file);
+  if (!opened.ok()) return Annotate(opened.status(), flag);
+  const SafetensorsFile& tensors = **opened;
+  if (!tensors.contains("image_embeds")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        flag, ": '", file,
+        "' has no tensor 'image_embeds' (it has: ", absl::StrJoin(tensors.names(), ", "), ")"));
+  }
+  ASSIGN_OR_RETURN(torch::Tensor embeds, tensors.Get("image_embeds"));
+  RETURN_IF_ERROR(Annotate(server::TensorToProto(embeds, input.mutable_image_embeds()),
+                           absl::StrCat(flag, " ", file, ": 'image_embeds'")));
+  return input;
 }
 
 absl::StatusOr<std::vector<int64_t>> ParseLatentShape(const std::string& text) {
@@ -581,6 +713,9 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
   for (const std::string& value : o.loras) {
     ASSIGN_OR_RETURN(*request.add_adapters(), ParseAdapterFlag(value));
   }
+  for (const IPAdapterFlag& value : o.ip_adapters) {
+    ASSIGN_OR_RETURN(*request.add_ip_adapters(), ParseIPAdapterFlag(value));
+  }
   if (!o.latent_shape.empty()) {
     ASSIGN_OR_RETURN(std::vector<int64_t> shape, ParseLatentShape(o.latent_shape));
     for (int64_t d : shape) request.add_latent_shape(d);
@@ -660,6 +795,12 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
           md.class_name(), " (give --inputs with its forward inputs)"));
     }
     const SafetensorsFile& file = *opened;
+    if (!o.ip_adapters.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(o.ip_adapters[0].embeds ? "--ip_adapter_embeds" : "--ip_adapter",
+                       " needs a pipeline instance with IP-Adapters loaded; '", model,
+                       "' is a bare ", md.class_name()));
+    }
     if (o.width != 0 || o.height != 0 || o.num_images != 0 || o.true_cfg_scale != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--width/--height/--num-images/--true-cfg-scale need a pipeline instance; '", model,
@@ -734,6 +875,14 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
     adapters.push_back(absl::StrCat(a.name(), ":", a.weight(), " (sha256 ", a.sha256(), ")"));
     adapters_json.push_back({{"name", a.name()}, {"weight", a.weight()}, {"sha256", a.sha256()}});
   }
+  std::vector<std::string> ip_adapters;
+  nlohmann::json ip_adapters_json = nlohmann::json::array();
+  for (const pb::AppliedIPAdapter& a : result->ip_adapters()) {
+    ip_adapters.push_back(absl::StrCat(
+        a.name(), " (scale ", a.scale().empty() ? "1" : absl::StrJoin(a.scale(), ","), ")"));
+    ip_adapters_json.push_back(
+        {{"name", a.name()}, {"scale", std::vector<double>(a.scale().begin(), a.scale().end())}});
+  }
   if (png) {
     if (result->png().empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -768,6 +917,7 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
         {"guidance", absl::StrFormat("%.17g", result->guidance())},
         {"latent_shape", absl::StrJoin(result->latent_shape(), ",")},
         {"adapters", adapters_json.dump()},
+        {"ip_adapters", ip_adapters_json.dump()},
         {"seconds", absl::StrFormat("%.6f", result->seconds())},
         {"queue_seconds", absl::StrFormat("%.6f", result->queue_seconds())},
         {"target", o.target},
@@ -781,8 +931,12 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
             << "seed " << result->seed() << ", steps " << result->steps() << ", guidance "
             << result->guidance() << ", latent shape ["
             << absl::StrJoin(result->latent_shape(), ", ") << "]\n"
-            << "adapters: " << (adapters.empty() ? "none" : absl::StrJoin(adapters, ", ")) << "\n"
-            << absl::StrFormat("%.3f s (queued %.3f s)\n", result->seconds(),
+            << "adapters: " << (adapters.empty() ? "none" : absl::StrJoin(adapters, ", ")) << "\n";
+  if (!ip_adapters.empty()) {
+    std::cout << "ip-adapters: " << absl::StrJoin(ip_adapters, ", ")
+              << absl::StrFormat(" (image encoding %.3f s)\n", result->image_encode_seconds());
+  }
+  std::cout << absl::StrFormat("%.3f s (queued %.3f s)\n", result->seconds(),
                                result->queue_seconds());
   return absl::OkStatus();
 }
@@ -790,9 +944,9 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
 }  // namespace
 
 bool IsRemoteCommand(const std::string& command) {
-  static const std::set<std::string> kCommands = {"models",       "metadata",  "load-single-file",
-                                                  "unload-model", "load-lora", "unload-lora",
-                                                  "loras",        "health",    "generate"};
+  static const std::set<std::string> kCommands = {
+      "models", "metadata",        "load-single-file",  "unload-model", "load-lora", "unload-lora",
+      "loras",  "load-ip-adapter", "unload-ip-adapter", "health",       "generate"};
   return kCommands.count(command) > 0;
 }
 
@@ -813,6 +967,8 @@ int RunRemoteCommand(const std::string& command, const std::vector<std::string>&
     if (command == "load-lora") return LoadLora(*client, options);
     if (command == "unload-lora") return UnloadLora(*client, options);
     if (command == "loras") return Loras(*client, options);
+    if (command == "load-ip-adapter") return LoadIPAdapter(*client, options);
+    if (command == "unload-ip-adapter") return UnloadIPAdapter(*client, options);
     if (command == "generate") return Generate(*client, options);
     if (command == "health") {
       ASSIGN_OR_RETURN(serving, Health(*client, options));

@@ -3,7 +3,7 @@
 // over the generated C++ stubs.
 //
 //   models                          ListModels as a table (name, class, state, dtype, device,
-//                                   memory, adapters)
+//                                   memory, LoRA adapters, IP-Adapters)
 //   metadata NAME [--verbose]       GetMetadata: the server's rendered feature table, plus the
 //                                   instance's live state when NAME is an instance
 //   load-single-file --name N --path P [--dtype D] [--device D] [--replace] [--config JSON]
@@ -12,15 +12,31 @@
 //             [--replace] [--pin]
 //   unload-lora [--model M] --name N
 //   loras [--model M]
+//   load-ip-adapter [--model M] --name N --path P [--image_encoder_path E] [--replace]
+//                                   LoadIPAdapter into a pipeline instance: P under the server's
+//                                   adapter root, E (a CLIPVisionModelWithProjection folder) under
+//                                   its model root ("" = the pipeline's image_encoder component)
+//   unload-ip-adapter [--model M] --name N
 //   health [--service NAME]         grpc.health.v1 Check ("" = the server itself)
 //   generate [--model M] --inputs IN.safetensors -o OUT.(safetensors|png) [--latent-shape B,T,C]
 //            [--steps N] [--seed S] [--guidance G] [--lora NAME[:WEIGHT]]...
+//            [--ip_adapter NAME=IMAGE.png[:SCALE]]... [--ip_adapter_embeds NAME=FILE[:SCALE]]...
+//
+// Image prompts (generate on a pipeline instance, GenerateRequest.ip_adapters, in flag order):
+// `--ip_adapter NAME=IMAGE.png[:SCALE]` sends the local PNG's bytes for the loaded IP-Adapter
+// NAME; `--ip_adapter_embeds NAME=FILE.safetensors[:SCALE]` sends FILE's tensor `image_embeds`
+// instead. SCALE is one number (every conditioned layer) or a comma list with one per layer
+// (IPAdapterInfo.num_layers); absent = 1. The text after the last ':' is SCALE unless the whole
+// value after '=' names an existing file (so paths with ':' still work). A missing or unreadable
+// file is NOT_FOUND naming the flag and the path, a file that is not a PNG or a malformed SCALE
+// INVALID_ARGUMENT naming the flag (both local, exit 1, nothing sent); an unknown NAME is the
+// server's NOT_FOUND (exit 3).
 //
 // Every command takes --target=host:port (default localhost:50051), --tls_ca=PEM (TLS with these
 // root certificates; plaintext without), --timeout=SECONDS (a deadline per call; 0 = none) and
 // --token_file=FILE (the admin bearer token, sent as `authorization: Bearer <token>` on the
-// management calls LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA only). An empty --model
-// means the server's default instance.
+// management calls LoadSingleFile, UnloadModel, LoadLoRA, UnloadLoRA, LoadIPAdapter,
+// UnloadIPAdapter only). An empty --model means the server's default instance.
 //
 // Output: results on stdout; generate's progress bar on stderr (redrawn in place on a terminal,
 // one line per step otherwise); every error on stderr as `error: <CODE_NAME>: <message>`, the
@@ -48,6 +64,12 @@ enum ExitCode : int {
   kExitNotServing = 4,
 };
 
+// One image prompt flag of generate, as given (parsed by the command).
+struct IPAdapterFlag {
+  bool embeds = false;  // false: --ip_adapter NAME=IMAGE.png[:SCALE]; true: --ip_adapter_embeds
+  std::string value;    // the text after the flag
+};
+
 // What a remote command needs; main.cc fills it from diffusion-cli's flags. Strings left empty
 // mean "not given".
 struct RemoteOptions {
@@ -58,16 +80,25 @@ struct RemoteOptions {
   double timeout_seconds = 0;              // deadline per call; 0 = none; must be >= 0
 
   // Names and paths.
-  std::string model;  // instance name (load-lora, unload-lora, loras, generate); "" = default
-  std::string name;   // load-single-file/unload-model: instance; load-lora/unload-lora: adapter
-  std::string path;   // load-single-file, load-lora: server-side path (under the server's root)
+  // Instance name (load-lora, unload-lora, loras, load-ip-adapter, unload-ip-adapter, generate);
+  // "" = default.
+  std::string model;
+  // load-single-file/unload-model: instance; load-lora/unload-lora/load-ip-adapter/
+  // unload-ip-adapter: adapter.
+  std::string name;
+  // load-single-file, load-lora, load-ip-adapter: server-side path (under the server's root).
+  std::string path;
   std::string file;   // load-lora: a local file whose bytes are sent inline
 
   // load-single-file.
   std::string dtype;     // "float32", "bfloat16", "float16"; "" = the server's default
   std::string device;    // "cpu", "cuda", "cuda:N"; "" = the server's default
   std::string config;    // config override: inline JSON object text, or a local JSON file path
-  bool replace = false;  // also load-lora
+  bool replace = false;  // also load-lora, load-ip-adapter
+
+  // load-ip-adapter: the image encoder folder under the server's model root; "" = the pipeline's
+  // image_encoder component (or none: requests then give image embeddings).
+  std::string image_encoder_path;
 
   // load-lora.
   std::string format_hint;
@@ -91,6 +122,8 @@ struct RemoteOptions {
   int64_t seed = 0;
   double guidance = 0;             // 0 = the server's default (or the inputs' `guidance`)
   std::vector<std::string> loras;  // NAME[:WEIGHT], in order
+  // Image prompts (pipeline instances), in order; see the file comment for the syntax.
+  std::vector<IPAdapterFlag> ip_adapters;
   // generate on a pipeline instance (ModelInstance.pipeline_class set): --inputs then holds
   // prompt_embeds, pooled_prompt_embeds and optionally negative_* and noise (each name also
   // accepted with an "inputs/" prefix, as the golden pipeline files store them).
