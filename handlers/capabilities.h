@@ -8,6 +8,7 @@
 // Handler objects are owned by their model folder (static lifetime), immutable and thread-safe.
 #pragma once
 
+#include "handlers/block_cache.h"         // CacheHandler
 #include "handlers/ip_adapter_handler.h"  // IPAdapterHandler
 #include "handlers/lora_format.h"         // LoraHandler
 #include "handlers/weight_mapping.h"      // WeightMappingHandler

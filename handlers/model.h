@@ -7,6 +7,7 @@
 #include <torch/types.h>
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <typeinfo>
 #include <vector>
@@ -19,7 +20,8 @@ namespace ds {
 
 // How to build a model instance.
 struct ModelOptions {
-  // Storage and compute dtype of the weights: torch::kFloat32 (default), kBFloat16 or kFloat16.
+  // Compute dtype, and storage dtype of the weights unless `storage_dtype` is set:
+  // torch::kFloat32 (default), kBFloat16 or kFloat16.
   torch::Dtype dtype = torch::kFloat32;
   // Device to place the weights on: CPU (default) or CUDA ("cuda:0").
   torch::Device device = torch::kCPU;
@@ -27,6 +29,19 @@ struct ModelOptions {
   // then assign or copy every parameter (single-file loading); a model used without that holds
   // garbage.
   bool uninitialized_parameters = false;
+  // Layerwise casting (handlers/layerwise_casting.h; diffusers' enable_layerwise_casting): when
+  // set (kBFloat16 or kFloat16, narrower than `dtype`), the weights and biases of the model's
+  // Linear/Conv/Embedding layers not matching the skip patterns are stored in this dtype and
+  // upcast to `dtype` one layer at a time while that layer runs; everything else (skipped layers,
+  // norm scales, LoRA adapters) stays in `dtype`. Outputs then equal those of the model computed in
+  // `dtype` with those weights rounded to `storage_dtype`. Only models whose spec sets
+  // ModelSpec::layerwise_casting honour it; the loaders refuse it (UNIMPLEMENTED) for others.
+  // Unset (default): every weight is stored in `dtype`.
+  std::optional<torch::Dtype> storage_dtype;
+  // With `storage_dtype`: replaces the skip patterns (regular expressions searched in each module
+  // name and its ancestors' names; diffusers' `skip_modules_pattern`). Unset (default): diffusers'
+  // defaults plus the model's `_keep_in_fp32_modules` and `_skip_layerwise_casting_patterns`.
+  std::optional<std::vector<std::string>> layerwise_casting_skip_patterns;
 };
 
 // How module constructors on this thread allocate parameters (see NewParameter).

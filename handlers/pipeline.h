@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "handlers/block_cache.h"
 #include "handlers/demo_pipeline.h"
 #include "handlers/flow_match.h"
 #include "handlers/lora_host.h"
@@ -161,6 +162,11 @@ struct PipelineRequest {
   // Decode the latents to images (needs a VAE), and encode them as PNG (needs decode).
   bool decode = true;
   bool png = false;
+  // Step caching (block_cache.h; a type in limits().cache_types): e.g. FirstBlockCache skips the
+  // transformer's blocks after the first when the first block's residual changed by at most
+  // `threshold` since they last ran. The pipeline keeps one state per request and per guidance
+  // branch, never shared. Unset: no caching.
+  std::optional<BlockCacheConfig> cache;
 };
 
 struct PipelineResult {
@@ -200,6 +206,11 @@ struct PipelineResult {
   int64_t prompt_cache_misses = 0;
   // Image prompts: seconds spent preprocessing and encoding request images (0 without images).
   double image_encode_seconds = 0;
+  // Step caching (PipelineRequest::cache): transformer forwards that ran every block and that
+  // skipped the blocks after the first, summed over guidance branches (with true CFG a step
+  // counts once per branch). Both 0 without caching.
+  int64_t cache_computed_steps = 0;
+  int64_t cache_skipped_steps = 0;
 };
 
 // A pipeline's encoding of text prompts (what its text encoders give the denoiser).
@@ -237,6 +248,8 @@ struct PipelineLimits {
   int64_t max_sequence_length_limit = 0;
   // Whether the pipeline takes IP-Adapters (LoadIPAdapter, PipelineRequest::ip_adapters).
   bool supports_ip_adapter = false;
+  // The PipelineRequest::cache types its denoiser implements (empty: none).
+  std::vector<std::string> cache_types;
 };
 
 // The pipeline's components as a report shows them.

@@ -7,6 +7,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/layerwise_casting.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 
@@ -46,7 +47,22 @@ ModelMetadata BuildModelMetadata(const ModelSpec& spec) {
   }
   if (spec.lora != nullptr) add("_lora", Sorted(spec.lora->FormatNames()));
   if (spec.ip_adapter != nullptr) add("_supports_ip_adapter", true);
+  if (spec.cache != nullptr && !spec.cache->CacheTypes().empty()) add("_supports_cache", true);
   return ModelMetadata(spec.class_name, std::move(rows));
+}
+
+absl::Status CheckLayerwiseCastingSupported(const ModelSpec& spec, const ModelOptions& options) {
+  if (!options.storage_dtype.has_value()) return absl::OkStatus();
+  if (!spec.layerwise_casting) {
+    return absl::UnimplementedError(absl::StrCat(
+        spec.class_name, " does not support layerwise casting (storage dtype ",
+        StorageDtypeName(options.storage_dtype), "); load it without a storage dtype"));
+  }
+  RETURN_IF_ERROR(ValidateStorageDtype(options));
+  if (options.layerwise_casting_skip_patterns.has_value()) {
+    RETURN_IF_ERROR(ValidateSkipPatterns(*options.layerwise_casting_skip_patterns));
+  }
+  return absl::OkStatus();
 }
 
 ModelRegistry& ModelRegistry::Global() {
@@ -135,6 +151,7 @@ absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(const std::s
     }
   }
   ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find(resolved));
+  RETURN_IF_ERROR(Annotate(CheckLayerwiseCastingSupported(*spec, options), folder.dir));
   auto model = spec->factory(folder.config, options);
   if (!model.ok()) return Annotate(model.status(), absl::StrCat(folder.dir, "/config.json"));
   if (spec->adapt_state_dict) {

@@ -43,12 +43,24 @@ struct ModelSpec {
   const WeightMappingHandler* weight_mapping = nullptr;
   // The IP-Adapter mixin (ip_adapter_handler.h); wired = the `_supports_ip_adapter` row.
   const IPAdapterHandler* ip_adapter = nullptr;
+  // The step caches its forward implements (block_cache.h); wired = the `_supports_cache` row.
+  const CacheHandler* cache = nullptr;
   // Applied by LoadModelFromFolder to a folder's state dict before the strict load, for what the
   // reference library accepts besides the module's own names: a tied weight stored under either
   // name, keys it ignores on load (transformers' _keys_to_ignore_on_load_unexpected). Must only
   // rename or drop entries (no data change); an error names the key. Empty: loaded as is.
   std::function<absl::StatusOr<TensorMap>(TensorMap state_dict)> adapt_state_dict;
+  // Whether the factory honours ModelOptions::storage_dtype (layerwise casting: it stores the
+  // parameters handlers/layerwise_casting.h selects under the structure's skip patterns in the
+  // storage dtype, and its forward upcasts them one layer at a time). False: the loaders refuse a
+  // storage dtype with UNIMPLEMENTED (see CheckLayerwiseCastingSupported).
+  bool layerwise_casting = false;
 };
+
+// OK when `options` has no storage dtype, or `spec` supports layerwise casting and the storage
+// dtype and skip patterns are valid (handlers/layerwise_casting.h); UNIMPLEMENTED naming the class
+// for a model without support; INVALID_ARGUMENT for a bad storage dtype or pattern.
+absl::Status CheckLayerwiseCastingSupported(const ModelSpec& spec, const ModelOptions& options);
 
 // The metadata table of a spec, derived from its structure and wired handlers (lists sorted).
 ModelMetadata BuildModelMetadata(const ModelSpec& spec);

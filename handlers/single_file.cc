@@ -277,6 +277,7 @@ absl::StatusOr<LoadedSingleFile> LoadSingleFile(const std::string& path,
   // model is built without touching memory for its own parameters.
   ModelOptions model_options = options.model;
   model_options.uninitialized_parameters = true;
+  RETURN_IF_ERROR(Annotate(CheckLayerwiseCastingSupported(*in.spec, model_options), path));
   auto model = in.spec->factory(in.report.config, model_options);
   if (!model.ok()) return Annotate(model.status(), absl::StrCat(path, ": derived config"));
   ASSIGN_OR_RETURN(TensorMap targets, MapTensors(in));

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "handlers/demo_pipeline.h"
 #include "handlers/digest.h"
+#include "handlers/layerwise_casting.h"
 #include "handlers/pipeline.h"
 #include "handlers/single_file.h"
 #include "handlers/state_dict.h"
@@ -70,6 +71,7 @@ absl::StatusOr<ModelInstance> MakeInstance(const std::string& name,
   instance.spec = spec;
   instance.dtype = DtypeName(model->options().dtype);
   instance.device = model->options().device.str();
+  instance.storage_dtype = StorageDtypeName(model->options().storage_dtype);
   for (const auto& [key, t] : NamedTensors(model->module())) {
     instance.parameter_bytes += static_cast<int64_t>(t.numel() * t.element_size());
   }
@@ -92,6 +94,7 @@ absl::StatusOr<ModelInstance> MakePipelineInstance(
   instance.host = std::shared_ptr<LoraHost>(pipeline, &host);
   instance.dtype = DtypeName(model.options().dtype);
   instance.device = model.options().device.str();
+  instance.storage_dtype = StorageDtypeName(model.options().storage_dtype);
   instance.variant = pipeline->describe().variant;
   for (const auto& [key, t] : NamedTensors(model.module())) {
     instance.parameter_bytes += static_cast<int64_t>(t.numel() * t.element_size());
@@ -287,6 +290,20 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
   RETURN_IF_ERROR(ValidateInstanceName(request.name));
   ASSIGN_OR_RETURN(torch::Dtype dtype, ParseModelDtype(request.dtype));
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(request.device));
+  auto parsed_storage = ParseStorageDtype(request.storage_dtype);
+  if (!parsed_storage.ok()) return Annotate(parsed_storage.status(), "storage_dtype");
+  const std::optional<torch::Dtype> storage_dtype = *parsed_storage;
+  ModelOptions cast_options;
+  cast_options.dtype = dtype;
+  cast_options.storage_dtype = storage_dtype;
+  if (storage_dtype.has_value() && !request.layerwise_casting_skip_patterns.empty()) {
+    cast_options.layerwise_casting_skip_patterns = request.layerwise_casting_skip_patterns;
+  }
+  RETURN_IF_ERROR(Annotate(ValidateStorageDtype(cast_options), "storage_dtype"));
+  if (cast_options.layerwise_casting_skip_patterns.has_value()) {
+    RETURN_IF_ERROR(Annotate(ValidateSkipPatterns(*cast_options.layerwise_casting_skip_patterns),
+                             "layerwise_casting_skip_patterns"));
+  }
   if (!request.config_override.is_null() && !request.config_override.is_object()) {
     return absl::InvalidArgumentError("config override must be a JSON object");
   }
@@ -299,10 +316,14 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
     return absl::InvalidArgumentError(
         "a config override applies to single files only (a model folder has its config.json)");
   }
+  if (storage_dtype.has_value() && is_dir && IsPipelineFolder(request.path)) {
+    return absl::UnimplementedError(
+        "storage_dtype: layerwise casting applies to model folders and single files; pipeline "
+        "folders do not take it yet");
+  }
   RETURN_IF_ERROR(BeginLoad(request.name, request.replace, absl::StrCat("loading ", request.path)));
   auto build = [&]() -> absl::StatusOr<ModelInstance> {
-    ModelOptions model_options;
-    model_options.dtype = dtype;
+    ModelOptions model_options = cast_options;
     model_options.device = device;
     std::unique_ptr<DiffusionModel> model;
     std::string report, variant;

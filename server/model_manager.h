@@ -53,7 +53,9 @@ struct ModelInstance {
   std::string report;               // the load report (human-readable)
   std::string dtype;                // "float32", "bfloat16", "float16"
   std::string device;               // "cpu", "cuda:0"
-  int64_t parameter_bytes = 0;
+  // Layerwise casting: the storage dtype of its cast weights ("bfloat16", "float16"), "" = none.
+  std::string storage_dtype;
+  int64_t parameter_bytes = 0;      // bytes its parameters and buffers really hold
 
   const DiffusionModel& model() const { return host->model(); }
 };
@@ -80,6 +82,11 @@ struct LoadModelRequest {
   std::string dtype = "float32";  // "float32", "bfloat16", "float16"
   std::string device = "cpu";     // "cpu", "cuda", "cuda:N"
   bool replace = false;
+  // Layerwise casting (handlers/layerwise_casting.h): "" = none, "bfloat16" / "float16" = the
+  // storage dtype (narrower than `dtype`). Model folders and single files only.
+  std::string storage_dtype;
+  // With storage_dtype: replacement skip patterns; empty = the defaults plus the model's.
+  std::vector<std::string> layerwise_casting_skip_patterns;
 };
 
 struct LoadModelResult {
@@ -135,12 +142,14 @@ class ModelManager {
   absl::StatusOr<LoadModelResult> LoadDemo(const std::string& demo, const std::string& root,
                                            const std::string& name, bool replace = false);
 
-  // Loads `request.path` as `request.name`. INVALID_ARGUMENT for a bad name, dtype or device, a
+  // Loads `request.path` as `request.name`. INVALID_ARGUMENT for a bad name, dtype, storage dtype
+  // (unknown, or not narrower than dtype), skip pattern or device, a
   // config override given for a folder, or a checkpoint that does not load (see single_file.h,
   // LoadModelFromFolder, LoadPipelineFromFolder); NOT_FOUND for a missing path or an unregistered
   // class; UNIMPLEMENTED for an unregistered pipeline class; ALREADY_EXISTS
   // when the name serves and !replace; UNAVAILABLE while another load of the name is in progress;
-  // UNIMPLEMENTED for an unavailable device (CUDA); INTERNAL if LibTorch fails.
+  // UNIMPLEMENTED for an unavailable device (CUDA), and for a storage dtype on a pipeline folder
+  // or a model class without layerwise casting; INTERNAL if LibTorch fails.
   absl::StatusOr<LoadModelResult> Load(const LoadModelRequest& request);
 
   // Removes `name` (see the header comment). NOT_FOUND for an unknown name; UNAVAILABLE while it

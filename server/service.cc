@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "handlers/block_cache.h"
 #include "handlers/flow_match.h"
 #include "handlers/image_processing.h"
 #include "handlers/model_metadata.h"
@@ -425,6 +426,7 @@ void DiffusionService::FillInstance(const InstanceStatus& status, pb::ModelInsta
   out->set_variant(inst->variant);
   out->set_dtype(inst->dtype);
   out->set_device(inst->device);
+  out->set_storage_dtype(inst->storage_dtype);
   out->set_parameter_bytes(inst->parameter_bytes);
   out->set_adapter_bytes(inst->host->memory_used_bytes());
   for (const AdapterInfo& a : inst->host->List()) FillLoRAInfo(a, out->add_adapters());
@@ -543,6 +545,7 @@ absl::Status DiffusionService::DoGetMetadata(const pb::GetMetadataRequest& reque
     out->set_accepts_text_prompt(l.accepts_text_prompt);
     out->set_max_sequence_length(l.accepts_text_prompt ? l.max_sequence_length_limit : 0);
     out->set_supports_ip_adapter(l.supports_ip_adapter);
+    for (const std::string& type : l.cache_types) out->add_cache_types(type);
   }
   return absl::OkStatus();
 }
@@ -621,6 +624,9 @@ absl::Status DiffusionService::DoLoadSingleFile(const pb::LoadSingleFileRequest&
   load.dtype = request.dtype();
   load.device = request.device();
   load.replace = request.replace();
+  load.storage_dtype = request.storage_dtype();
+  load.layerwise_casting_skip_patterns.assign(request.layerwise_casting_skip_patterns().begin(),
+                                              request.layerwise_casting_skip_patterns().end());
   if (!request.config_json().empty()) {
     load.config_override = nlohmann::json::parse(request.config_json(), nullptr,
                                                  /*allow_exceptions=*/false);
@@ -980,6 +986,7 @@ absl::StatusOr<std::shared_ptr<DiffusionService::GenerateJob>> DiffusionService:
     if (request.negative_prompt_2_size() > 0) pipeline_field = "negative_prompt_2";
     if (request.max_sequence_length() != 0) pipeline_field = "max_sequence_length";
     if (request.ip_adapters_size() > 0) pipeline_field = "ip_adapters";
+    if (request.has_cache()) pipeline_field = "cache";
     if (request.width() != 0) pipeline_field = "width";
     if (request.height() != 0) pipeline_field = "height";
     if (request.num_images() != 0) pipeline_field = "num_images";
@@ -1254,6 +1261,14 @@ absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest
     }
     r.ip_adapters.push_back(std::move(ip));
   }
+  // Step caching: checked here so that a bad config never queues.
+  if (request.has_cache()) {
+    BlockCacheConfig cache;
+    cache.type = request.cache().type();
+    if (request.cache().has_threshold()) cache.threshold = request.cache().threshold();
+    RETURN_IF_ERROR(ValidateBlockCacheConfig(cache, limits.cache_types));
+    r.cache = cache;
+  }
   switch (request.output()) {
     case pb::GenerateRequest::OUTPUT_DEFAULT:
       job->want_png = limits.can_decode;
@@ -1359,6 +1374,8 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
       result->set_decode_seconds(out.decode_seconds);
       result->set_encode_seconds(out.encode_seconds);
       result->set_image_encode_seconds(out.image_encode_seconds);
+      result->set_cache_skipped_steps(out.cache_skipped_steps);
+      result->set_cache_computed_steps(out.cache_computed_steps);
       for (const IPAdapterRequestInput& ip : request.ip_adapters) {
         pb::AppliedIPAdapter* a = result->add_ip_adapters();
         a->set_name(ip.name);

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -37,6 +38,7 @@
 #include "handlers/lora_host.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
+#include "handlers/single_file.h"
 #include "handlers/state_dict.h"
 #include "server/model_manager.h"
 #include "server/tensor_proto.h"
@@ -1502,6 +1504,135 @@ TEST_F(ServerPipelineTest, IPAdapterImagePromptsOverGrpc) {
   EXPECT_EQ(stub_->UnloadIPAdapter(Context(60, true).get(), unload, &unloaded).error_code(),
             grpc::StatusCode::NOT_FOUND);
   EXPECT_EQ(Generate(*stub_, with_image(1.0)).status.error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// FirstBlockCache over gRPC on the embedded flux-tiny: the limits and metadata say it is supported,
+// a cached request reports its skipped steps, threshold 0 gives the uncached PNG bytes, and bad
+// configs (or `cache` on a bare transformer) are INVALID_ARGUMENT naming the field.
+TEST_F(ServerTest, EmbeddedFluxTinyFirstBlockCache) {
+  StartServer({"--embedded_models=default,flux-tiny", "--embedded_dir=" + tmp_.File("embedded")});
+  pb::GetMetadataRequest md_req;
+  md_req.set_name("flux-tiny");
+  pb::GetMetadataResponse md;
+  ASSERT_TRUE(stub_->GetMetadata(Context().get(), md_req, &md).ok());
+  EXPECT_THAT(md.limits().cache_types(), Contains("first_block_cache"));
+  bool row = false;
+  for (const pb::FeatureRow& f : md.features()) row |= f.attribute() == "_supports_cache";
+  EXPECT_TRUE(row);
+  const int64_t multiple = md.limits().image_size_multiple();
+  ASSERT_GT(multiple, 0);
+  constexpr int64_t kSteps = 4;
+  torch::manual_seed(8);
+  pb::GenerateRequest base;
+  base.set_model("flux-tiny");
+  *base.mutable_prompt_embeds() = ToProto(torch::randn({4, md.limits().prompt_embeds_dim()}));
+  *base.mutable_pooled_prompt_embeds() =
+      ToProto(torch::randn({md.limits().pooled_prompt_embeds_dim()}));
+  base.set_width(2 * multiple);
+  base.set_height(2 * multiple);
+  base.set_steps(kSteps);
+  base.set_seed(5);
+  auto cached = [&](const std::string& type, std::optional<double> threshold) {
+    pb::GenerateRequest r = base;
+    r.mutable_cache()->set_type(type);
+    if (threshold.has_value()) r.mutable_cache()->set_threshold(*threshold);
+    return r;
+  };
+
+  const Outcome plain = Generate(*stub_, base);
+  ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+  ASSERT_EQ(plain.result->images_size(), 1);
+  EXPECT_EQ(plain.result->cache_skipped_steps() + plain.result->cache_computed_steps(), 0);
+
+  const Outcome zero = Generate(*stub_, cached("first_block_cache", 0.0));
+  ASSERT_TRUE(zero.status.ok()) << zero.status.error_message();
+  EXPECT_EQ(zero.result->images(0), plain.result->images(0));
+  EXPECT_EQ(zero.result->cache_skipped_steps(), 0);
+  EXPECT_EQ(zero.result->cache_computed_steps(), kSteps);
+
+  const Outcome skipping = Generate(*stub_, cached("first_block_cache", 1e9));
+  ASSERT_TRUE(skipping.status.ok()) << skipping.status.error_message();
+  ASSERT_EQ(skipping.result->images_size(), 1);
+  EXPECT_TRUE(DecodePng(skipping.result->images(0)).ok());
+  EXPECT_EQ(skipping.result->cache_skipped_steps(), kSteps - 1);
+  EXPECT_EQ(skipping.result->cache_computed_steps(), 1);
+  EXPECT_NE(skipping.result->images(0), plain.result->images(0));
+  EXPECT_EQ(skipping.progress.size(), static_cast<size_t>(kSteps));
+
+  // Unset threshold: diffusers' default; every step is counted one way or the other.
+  const Outcome def = Generate(*stub_, cached("first_block_cache", std::nullopt));
+  ASSERT_TRUE(def.status.ok()) << def.status.error_message();
+  EXPECT_EQ(def.result->cache_skipped_steps() + def.result->cache_computed_steps(), kSteps);
+
+  const Outcome unknown = Generate(*stub_, cached("teacache", 0.1));
+  EXPECT_EQ(unknown.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(unknown.status.error_message(), HasSubstr("cache.type"));
+  const Outcome negative = Generate(*stub_, cached("first_block_cache", -0.5));
+  EXPECT_EQ(negative.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(negative.status.error_message(), HasSubstr("cache.threshold"));
+
+  // A bare transformer refuses it like other pipeline fields.
+  pb::GenerateRequest bare = MakeRequest("default", FluxInputs(32, 32, 7), 16, 2);
+  bare.mutable_cache()->set_type("first_block_cache");
+  const Outcome refused = Generate(*stub_, bare);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(refused.status.error_message(), HasSubstr("cache"));
+}
+
+
+TEST_F(ServerTest, LoadSingleFileWithBFloat16StorageGenerates) {
+  StartServer();
+  const fs::path golden = GoldenDir();
+  fs::copy_file(golden / "single_file" / "flux-dev" / "original.safetensors",
+                fs::path(models_) / "flux-dev.safetensors");
+  auto load = [&](const std::string& name, const std::string& dtype, const std::string& storage,
+                  pb::LoadSingleFileResponse* out) {
+    pb::LoadSingleFileRequest r;
+    r.set_name(name);
+    r.set_path("flux-dev.safetensors");
+    r.set_dtype(dtype);
+    r.set_storage_dtype(storage);
+    return stub_->LoadSingleFile(Context(60, true).get(), r, out);
+  };
+  pb::LoadSingleFileResponse fp32, cast;
+  grpc::Status s = load("fp32", "", "", &fp32);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  s = load("cast", "float32", "bfloat16", &cast);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(cast.instance().dtype(), "float32");
+  EXPECT_EQ(cast.instance().storage_dtype(), "bfloat16");
+  EXPECT_EQ(fp32.instance().storage_dtype(), "");
+  EXPECT_LT(cast.instance().parameter_bytes(), fp32.instance().parameter_bytes());
+  EXPECT_GT(2 * cast.instance().parameter_bytes(), fp32.instance().parameter_bytes());
+
+  // Generate equals the same load in-process, and stays near the float32 instance.
+  const TensorMap inputs = FluxInputs(32, 32, 13);
+  const Outcome o = Generate(*stub_, MakeRequest("cast", inputs, 4, 2));
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  const Outcome f = Generate(*stub_, MakeRequest("fp32", inputs, 4, 2));
+  ASSERT_TRUE(f.status.ok()) << f.status.error_message();
+  SingleFileOptions options;
+  options.model.storage_dtype = torch::kBFloat16;
+  auto local = LoadSingleFile((golden / "single_file" / "flux-dev" / "original.safetensors").string(),
+                              options);
+  ASSERT_TRUE(local.ok()) << local.status();
+  auto spec = ModelRegistry::Global().Find("flux");
+  LoraHost host(std::shared_ptr<DiffusionModel>(std::move(local->model)), (*spec)->lora);
+  ExpectSameLatents(o.latents, InProcess(host, inputs, 4, 2, nullptr));
+  const double err = (o.latents - f.latents).abs().max().item<double>() /
+                     f.latents.abs().max().item<double>();
+  std::printf("[layerwise casting] served bf16-storage vs fp32 latents: max rel diff %.3g\n", err);
+  EXPECT_GT(err, 0.0);
+  EXPECT_LE(err, 1e-2);
+
+  // Precise refusals naming the field.
+  pb::LoadSingleFileResponse refused;
+  s = load("bad1", "float32", "float8_e4m3fn", &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("storage_dtype"));
+  s = load("bad2", "bfloat16", "bfloat16", &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("not lower than the compute dtype"));
 }
 
 }  // namespace

@@ -390,6 +390,8 @@ PipelineLimits FluxPipeline::limits() const {
   // spec of its class wires one (the `_supports_ip_adapter` row).
   auto spec = ModelRegistry::Global().Find(components_.transformer->model().class_name());
   l.supports_ip_adapter = spec.ok() && (*spec)->ip_adapter != nullptr;
+  // Likewise the step caches its forward implements (the `_supports_cache` row).
+  if (spec.ok() && (*spec)->cache != nullptr) l.cache_types = (*spec)->cache->CacheTypes();
   return l;
 }
 
@@ -834,6 +836,9 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
     return absl::InvalidArgumentError(
         absl::StrCat("num_images_per_prompt must be >= 1, got ", request.num_images_per_prompt));
   }
+  if (request.cache.has_value()) {
+    RETURN_IF_ERROR(ValidateBlockCacheConfig(*request.cache, limits().cache_types));
+  }
   const int64_t steps = request.sigmas.has_value() ? static_cast<int64_t>(request.sigmas->size())
                                                    : request.num_inference_steps;
   if (steps < 1 || steps > options_.max_inference_steps) {
@@ -941,20 +946,32 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
                                                       /*negative=*/true, &result));
     }
   }
+  // Step caching: one FirstBlockCache state per guidance branch (diffusers' cache_context("cond")
+  // and ("uncond")), living only as long as this request.
+  std::optional<FirstBlockCacheState> cache_cond, cache_uncond;
+  if (request.cache.has_value()) {
+    cache_cond.emplace(request.cache->threshold);
+    if (do_true_cfg) cache_uncond.emplace(request.cache->threshold);
+  }
   // One transformer forward under the request's LoRA snapshot, with IP-Adapter conditioning when
-  // any adapter has a non-zero scale (otherwise exactly the plain forward).
-  auto transformer_forward = [&](const TensorMap& in, const FluxIPAdapterConditioning& cond)
+  // any adapter has a non-zero scale and the branch's cache state when caching (otherwise exactly
+  // the plain forward).
+  auto transformer_forward = [&](const TensorMap& in, const FluxIPAdapterConditioning& cond,
+                                 std::optional<FirstBlockCacheState>& cache)
       -> absl::StatusOr<torch::Tensor> {
-    if (!cond.active()) return host.Forward(in, request.adapters.get());
+    if (!cond.active() && !cache.has_value()) return host.Forward(in, request.adapters.get());
     return host.ForwardWith(
         request.adapters.get(),
         [&](const DiffusionModel& model, const LoraContext* lora) -> absl::StatusOr<torch::Tensor> {
           const auto* flux = dynamic_cast<const FluxTransformer*>(&model);
           if (flux == nullptr) {
-            return absl::InternalError(absl::StrCat(
-                "the transformer (", model.class_name(), ") has no IP-Adapter forward"));
+            return absl::InternalError(absl::StrCat("the transformer (", model.class_name(),
+                                                    ") has no IP-Adapter / cache forward"));
           }
-          return flux->ForwardWithIPAdapter(in, lora, &cond);
+          FluxTransformer::ForwardExtras extras;
+          if (cond.active()) extras.ip_adapter = &cond;
+          if (cache.has_value()) extras.cache = &*cache;
+          return flux->ForwardWithExtras(in, lora, extras);
         });
   };
 
@@ -1052,11 +1069,12 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
                      }));
     inputs["hidden_states"] = x;
     inputs["timestep"] = timestep;
-    ASSIGN_OR_RETURN(torch::Tensor v, transformer_forward(inputs, ip));
+    ASSIGN_OR_RETURN(torch::Tensor v, transformer_forward(inputs, ip, cache_cond));
     if (do_true_cfg) {
       negative_inputs["hidden_states"] = x;
       negative_inputs["timestep"] = timestep;
-      ASSIGN_OR_RETURN(torch::Tensor v_neg, transformer_forward(negative_inputs, negative_ip));
+      ASSIGN_OR_RETURN(torch::Tensor v_neg,
+                       transformer_forward(negative_inputs, negative_ip, cache_uncond));
       ASSIGN_OR_RETURN(
           v, TorchCall("true CFG", [&] { return v_neg + request.true_cfg_scale * (v - v_neg); }));
     }
@@ -1079,6 +1097,11 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
   result.guidance_scale = request.guidance_scale;
   result.guidance_applied = cfg.guidance_embeds;
   result.true_cfg_applied = do_true_cfg;
+  for (const auto* cache : {&cache_cond, &cache_uncond}) {
+    if (!cache->has_value()) continue;
+    result.cache_computed_steps += (*cache)->computed();
+    result.cache_skipped_steps += (*cache)->skipped();
+  }
   if (!request.decode) return result;
 
   // 7. Decode and postprocess.

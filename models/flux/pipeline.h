@@ -215,7 +215,10 @@ class FluxPipeline : public DiffusionPipeline {
   // num_images_per_prompt < 1 or a batch over max_batch, steps (or sigmas) outside
   // [1, max_inference_steps], non-finite guidance_scale / true_cfg_scale / sigmas, given latents of
   // the wrong shape (naming the expected one), png without decode; FAILED_PRECONDITION for decode
-  // without a VAE; ABORTED for a stale adapter snapshot; INTERNAL if LibTorch fails.
+  // without a VAE; ABORTED for a stale adapter snapshot; INTERNAL if LibTorch fails. A `cache`
+  // config is checked by ValidateBlockCacheConfig (INVALID_ARGUMENT naming cache.type /
+  // cache.threshold; UNIMPLEMENTED for a type the transformer does not implement); FirstBlockCache
+  // then runs with one state for the conditional and one for the true-CFG negative pass.
   absl::StatusOr<FluxPipelineResult> Generate(
       const FluxPipelineRequest& request, const DenoiseStepCallback& on_step = {},
       const DenoiseLatentsObserver& on_latents = {}) const override;

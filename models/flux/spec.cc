@@ -23,13 +23,18 @@ ModelSpec MakeFluxSpec() {
   spec.structure.no_split_modules = blocks;
   spec.structure.repeated_blocks = blocks;
   // Module-name substrings whose weights stay in the compute dtype under layerwise casting.
-  spec.structure.skip_layerwise_casting_patterns = {"pos_embed", "norm"};
+  spec.structure.skip_layerwise_casting_patterns = SkipLayerwiseCastingPatterns();
+  // The factory honours ModelOptions::storage_dtype (FluxTransformer::Create).
+  spec.layerwise_casting = true;
   // Capabilities wired (rows derived from the handlers): single-file loading and LoRA formats.
   spec.weight_mapping = &FluxWeightMappingHandler();
   spec.lora = &FluxLoraHandler();
   // The per-model IP-Adapter mixin (ip_adapter.h): wiring it is what makes the
   // `_supports_ip_adapter` row appear.
   spec.ip_adapter = &FluxIPAdapterHandler();
+  // FirstBlockCache, implemented by the transformer's forward (FluxInputs::cache): wiring it is
+  // what makes the `_supports_cache` row appear and pipelines accept `cache` requests.
+  spec.cache = &FluxCacheHandler();
   spec.factory = [](const nlohmann::json& config, const ModelOptions& options) {
     return CreateFluxTransformer(config, options);
   };

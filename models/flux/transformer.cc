@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/layerwise_casting.h"
 #include "handlers/status.h"
 
 namespace ds::flux {
@@ -214,8 +215,10 @@ struct Ctx {
     if (emulate) t.copy_(t.to(dtype));
     return t;
   }
-  // A parameter as the activations' dtype.
-  Tensor W(const Tensor& p) const { return emulate ? p.to(torch::kFloat) : p; }
+  // A parameter as the activations' dtype. Also the per-layer upcast of layerwise casting: a
+  // weight stored narrower than the activations is converted for the one product that uses it
+  // (the copy lives only as long as that layer's call).
+  Tensor W(const Tensor& p) const { return p.scalar_type() == act ? p : p.to(act); }
 
   // Stores a copy of the activation `t` in the model dtype; `keep_dtype` keeps t's own dtype.
   void Capture(const std::string& name, const Tensor& t, bool keep_dtype = false) const {
@@ -567,19 +570,50 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
 
   // Every AdaNorm applies SiLU to temb first; compute it once.
   const Tensor silu_temb = SiLU(c, temb);
-  for (size_t i = 0; i < blocks.size(); ++i) {
-    std::tie(h, e) =
-        DoubleBlock(c, *blocks[i], h, e, silu_temb, freqs, absl::StrCat("transformer_blocks.", i),
-                    ip.has_value() ? &*ip : nullptr, static_cast<int64_t>(i));
-  }
   const int64_t s_txt = e.size(1);
-  if (!single_blocks.empty()) {
-    Tensor x = torch::cat({e, h}, 1);
-    for (size_t i = 0; i < single_blocks.size(); ++i) {
-      SingleBlock(c, *single_blocks[i], x, silu_temb, freqs, s_txt,
-                  absl::StrCat("single_transformer_blocks.", i));
+  // Runs blocks [begin, end) of the block sequence: the double blocks on (h, e), then the single
+  // blocks on the joint sequence [text, image], split back into e and h.
+  const size_t num_double = blocks.size();
+  const size_t num_blocks = num_double + single_blocks.size();
+  const auto run_blocks = [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < std::min(end, num_double); ++i) {
+      std::tie(h, e) =
+          DoubleBlock(c, *blocks[i], h, e, silu_temb, freqs, absl::StrCat("transformer_blocks.", i),
+                      ip.has_value() ? &*ip : nullptr, static_cast<int64_t>(i));
     }
-    h = x.narrow(1, s_txt, x.size(1) - s_txt);
+    if (end > num_double) {
+      Tensor x = torch::cat({e, h}, 1);
+      for (size_t i = std::max(begin, num_double); i < end; ++i) {
+        SingleBlock(c, *single_blocks[i - num_double], x, silu_temb, freqs, s_txt,
+                    absl::StrCat("single_transformer_blocks.", i - num_double));
+      }
+      h = x.narrow(1, s_txt, x.size(1) - s_txt);
+      e = x.narrow(1, 0, s_txt);
+    }
+  };
+  if (in.cache == nullptr || num_blocks < 2) {
+    run_blocks(0, num_blocks);
+  } else {
+    // FirstBlockCache (diffusers' FBCHeadBlockHook / FBCBlockHook): the head block always runs;
+    // the others only when its image-stream residual changed enough since they last ran.
+    ds::FirstBlockCacheState& cache = *in.cache;
+    const Tensor h_in = h.clone();  // the blocks update h in place
+    run_blocks(0, 1);
+    // Residuals in the model dtype, as diffusers subtracts them (emulation holds float32 values
+    // rounded to it; the decision then rounds like the native kernels, see RelativeL1Change).
+    Tensor head_residual = c.R(h - h_in);
+    if (c.emulate) head_residual = head_residual.to(c.dtype);
+    if (!cache.ShouldComputeRemaining(head_residual)) {
+      const std::vector<Tensor>& tail = cache.tail_residuals();
+      h = c.R(h + tail[0]);
+      e = c.R(e + tail[1]);
+    } else {
+      const Tensor head_h = h.clone(), head_e = e.clone();
+      run_blocks(1, num_blocks);
+      cache.StoreComputed(std::move(head_residual), {c.R(h - head_h), c.R(e - head_e)});
+    }
+    c.Capture("cache.0", e);
+    c.Capture("cache.1", h);
   }
 
   // AdaLayerNormContinuous: chunks are scale, shift (the reverse of the blocks).
@@ -639,8 +673,21 @@ absl::StatusOr<std::unique_ptr<FluxTransformer>> FluxTransformer::Create(
         return FluxTransformer2DModel(
             FluxTransformer2DModelOptions{cfg, options.dtype, options.device});
       }));
+  if (options.storage_dtype.has_value()) {
+    RETURN_IF_ERROR(ds::ValidateStorageDtype(options));
+    const std::vector<std::string> patterns =
+        ds::LayerwiseCastingSkipPatterns(options, SkipLayerwiseCastingPatterns());
+    RETURN_IF_ERROR(ds::ApplyLayerwiseCasting(*model, *options.storage_dtype, patterns,
+                                              options.uninitialized_parameters)
+                        .status());
+  }
   return std::unique_ptr<FluxTransformer>(
       new FluxTransformer(cfg.ToJson(), options, std::move(model)));
+}
+
+const std::vector<std::string>& SkipLayerwiseCastingPatterns() {
+  static const auto* const kPatterns = new std::vector<std::string>{"pos_embed", "norm"};
+  return *kPatterns;
 }
 
 const std::string& FluxTransformer::class_name() const {
@@ -795,8 +842,15 @@ absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithIntermediates(
 absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithIPAdapter(
     const TensorMap& inputs, const ds::LoraContext* lora,
     const FluxIPAdapterConditioning* ip_adapter, Intermediates* intermediates) const {
+  return ForwardWithExtras(inputs, lora, {ip_adapter, nullptr, intermediates});
+}
+
+absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithExtras(
+    const TensorMap& inputs, const ds::LoraContext* lora, const ForwardExtras& extras) const {
   ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs, lora));
-  if (ip_adapter != nullptr) {
+  Intermediates* const intermediates = extras.intermediates;
+  in.cache = extras.cache;
+  if (const FluxIPAdapterConditioning* ip_adapter = extras.ip_adapter; ip_adapter != nullptr) {
     const int64_t batch = std::max({in.hidden_states.size(0), in.encoder_hidden_states.size(0),
                                     in.pooled_projections.size(0), in.timestep.size(0),
                                     in.guidance.defined() ? in.guidance.size(0) : int64_t{1}});
@@ -812,6 +866,23 @@ absl::StatusOr<std::unique_ptr<ds::DiffusionModel>> CreateFluxTransformer(
   ASSIGN_OR_RETURN(std::unique_ptr<FluxTransformer> model,
                    FluxTransformer::Create(config, options));
   return std::unique_ptr<ds::DiffusionModel>(std::move(model));
+}
+
+namespace {
+
+class FluxCacheHandlerImpl final : public ds::CacheHandler {
+ public:
+  std::vector<std::string> CacheTypes() const override { return {ds::kFirstBlockCacheType}; }
+  std::vector<std::string> BlockStreams() const override {
+    return {"hidden_states", "encoder_hidden_states"};
+  }
+};
+
+}  // namespace
+
+const ds::CacheHandler& FluxCacheHandler() {
+  static const FluxCacheHandlerImpl* const kHandler = new FluxCacheHandlerImpl();
+  return *kHandler;
 }
 
 }  // namespace ds::flux

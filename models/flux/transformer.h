@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "handlers/block_cache.h"
 #include "handlers/model.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
@@ -49,6 +50,9 @@ namespace ds::flux {
 //   outputs after to_out.0 / to_add_out), .0 / .1 (text / image block outputs),
 //   single_transformer_blocks.<i>.norm.0 / norm.1 (modulated joint tokens, gate), .attn (attention
 //   output before proj_out), .0 / .1 (text / image block outputs), norm_out, proj_out.
+// With a FirstBlockCache state (FluxInputs::cache) also cache.0 / cache.1: the text / image streams
+// after the blocks (on a skipped forward: the head block's outputs plus the cached tail
+// residuals; the skipped blocks then capture nothing).
 using Intermediates = std::map<std::string, torch::Tensor>;
 
 // ---------------------------------------------------------------------------------------------
@@ -263,6 +267,13 @@ struct FluxInputs {
   // Optional IP-Adapter conditioning (ip_adapter.h), not owned; must outlive the forward and be
   // valid for it (ValidateIPAdapterConditioning). nullptr, or no non-zero scale: the plain forward.
   const FluxIPAdapterConditioning* ip_adapter = nullptr;
+  // Optional FirstBlockCache state of the request's guidance branch (handlers/block_cache.h), not
+  // owned; the forward reads and updates it, so one state must not be used by two forwards at
+  // once. The head block is the first block (transformer_blocks.0, or single_transformer_blocks.0
+  // without double blocks); when the state says skip, the cached tail residuals are added to its
+  // hidden_states and encoder_hidden_states outputs instead of running the other blocks. A model
+  // with a single block ignores it. nullptr: the plain forward, bit for bit.
+  ds::FirstBlockCacheState* cache = nullptr;
 };
 
 class FluxTransformer2DModelImpl : public torch::nn::Module {
@@ -327,6 +338,14 @@ class FluxTransformer final : public ds::DiffusionModel {
   // INVALID_ARGUMENT for an invalid config (naming the field), an unsupported dtype
   // (float32/bfloat16/float16 only) or device type (cpu/cuda only); UNIMPLEMENTED for CUDA when
   // LibTorch or the machine has none; INTERNAL if LibTorch fails (e.g. out of memory).
+  //
+  // Layerwise casting: with options.storage_dtype the linears handlers/layerwise_casting.h selects
+  // under SkipLayerwiseCastingPatterns() (or options.layerwise_casting_skip_patterns) are stored
+  // in that dtype (INVALID_ARGUMENT for one not narrower than options.dtype or a bad pattern) and
+  // the forward upcasts each to the compute dtype only for its own product, so the output equals
+  // the compute-dtype model's with those weights rounded to the storage dtype, bit for bit. LoRA
+  // deltas and overlays stay in the compute dtype; a fused LoRA (LoraHost::Fuse) is computed in
+  // float32 from the stored weights and rounded once to the storage dtype.
   static absl::StatusOr<std::unique_ptr<FluxTransformer>> Create(const nlohmann::json& config,
                                                                  const ds::ModelOptions& options);
 
@@ -361,6 +380,18 @@ class FluxTransformer final : public ds::DiffusionModel {
                                                      const FluxIPAdapterConditioning* ip_adapter,
                                                      Intermediates* intermediates = nullptr) const;
 
+  // Per-request extras of one forward, none owned (each must outlive the call; nullptr = none).
+  struct ForwardExtras {
+    const FluxIPAdapterConditioning* ip_adapter = nullptr;  // as ForwardWithIPAdapter
+    ds::FirstBlockCacheState* cache = nullptr;              // as FluxInputs::cache
+    Intermediates* intermediates = nullptr;
+  };
+  // The forward with any of the extras (the request's IP-Adapter conditioning and its branch's
+  // FirstBlockCache state). With none it is Forward() bit for bit. Errors as ForwardWithIPAdapter.
+  absl::StatusOr<torch::Tensor> ForwardWithExtras(const TensorMap& inputs,
+                                                  const ds::LoraContext* lora,
+                                                  const ForwardExtras& extras) const;
+
   // Validates named inputs and returns them as FluxInputs (tensors unchanged; 3-D ids reduced to
   // [0]). hidden_states must be input_width() wide, or as wide as `lora` widens x_embedder.
   // Errors as for Forward().
@@ -378,6 +409,17 @@ class FluxTransformer final : public ds::DiffusionModel {
   ds::ModelOptions options_;
   FluxTransformer2DModel model_;
 };
+
+// diffusers' FluxTransformer2DModel._skip_layerwise_casting_patterns ("pos_embed", "norm"): with
+// diffusers' defaults they keep the AdaLayerNorm modulation linears (norm1.linear, norm.linear,
+// norm_out.linear) and the final proj_out in the compute dtype under layerwise casting. The spec
+// declares them from here (spec.cc).
+const std::vector<std::string>& SkipLayerwiseCastingPatterns();
+
+// The Flux transformer's cache wiring (ModelSpec::cache): FirstBlockCache, its blocks returning
+// hidden_states and encoder_hidden_states (diffusers' TransformerBlockRegistry for
+// FluxTransformerBlock / FluxSingleTransformerBlock).
+const ds::CacheHandler& FluxCacheHandler();
 
 // The registry-facing factory: FluxTransformer::Create as a ds::DiffusionModel.
 absl::StatusOr<std::unique_ptr<ds::DiffusionModel>> CreateFluxTransformer(
