@@ -5,50 +5,24 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/config_json.h"
 #include "handlers/status.h"
 
 namespace ds::autoencoder_kl {
 namespace {
 
-absl::Status FieldError(absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("AutoencoderKLConfig.", field, ": ", what));
+// The field readers of this config ("AutoencoderKLConfig.<field>: ..." errors).
+const ConfigFields& Fields() {
+  static const auto* fields = new ConfigFields("AutoencoderKLConfig", int64_t{1} << 20);
+  return *fields;
 }
 
-// Far above any real model; keeps products of sizes inside int64.
-constexpr int64_t kMaxSize = int64_t{1} << 20;
 // 2^(levels-1) must stay a sane scale factor.
 constexpr int64_t kMaxLevels = 16;
 
-absl::Status Positive(absl::string_view field, int64_t value) {
-  if (value <= 0) return FieldError(field, absl::StrCat("must be positive, got ", value));
-  if (value > kMaxSize) return FieldError(field, absl::StrCat("too large: ", value));
-  return absl::OkStatus();
-}
-
-// JSON integers only (1.0 is rejected: diffusers writes sizes as integers).
-absl::Status ReadInt(const nlohmann::json& json, const char* field, int64_t* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_number_integer()) {
-    return FieldError(field, absl::StrCat("expected an integer, got ", it->dump()));
-  }
-  *out = it->get<int64_t>();
-  return absl::OkStatus();
-}
-
-absl::Status ReadBool(const nlohmann::json& json, const char* field, bool* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_boolean()) {
-    return FieldError(field, absl::StrCat("expected a boolean, got ", it->dump()));
-  }
-  *out = it->get<bool>();
-  return absl::OkStatus();
-}
-
 absl::Status ReadNumber(const nlohmann::json& value, const char* field, double* out) {
   if (!value.is_number()) {
-    return FieldError(field, absl::StrCat("expected a number, got ", value.dump()));
+    return Fields().Error(field, absl::StrCat("expected a number, got ", value.dump()));
   }
   *out = value.get<double>();
   return absl::OkStatus();
@@ -60,14 +34,15 @@ absl::Status ReadNumbers(const nlohmann::json& json, const char* field,
   auto it = json.find(field);
   if (it == json.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_array()) {
-    return FieldError(field, absl::StrCat("expected a list of numbers or null, got ", it->dump()));
+    return Fields().Error(field,
+                          absl::StrCat("expected a list of numbers or null, got ", it->dump()));
   }
   std::vector<double> values;
   for (const auto& v : *it) {
     double d = 0;
     if (!v.is_number()) {
-      return FieldError(field,
-                        absl::StrCat("expected a list of numbers or null, got ", it->dump()));
+      return Fields().Error(field,
+                            absl::StrCat("expected a list of numbers or null, got ", it->dump()));
     }
     RETURN_IF_ERROR(ReadNumber(v, field, &d));
     values.push_back(d);
@@ -81,12 +56,12 @@ absl::Status ReadStrings(const nlohmann::json& json, const char* field,
   auto it = json.find(field);
   if (it == json.end()) return absl::OkStatus();
   if (!it->is_array()) {
-    return FieldError(field, absl::StrCat("expected a list of strings, got ", it->dump()));
+    return Fields().Error(field, absl::StrCat("expected a list of strings, got ", it->dump()));
   }
   out->clear();
   for (const auto& v : *it) {
     if (!v.is_string()) {
-      return FieldError(field, absl::StrCat("expected a list of strings, got ", it->dump()));
+      return Fields().Error(field, absl::StrCat("expected a list of strings, got ", it->dump()));
     }
     out->push_back(v.get<std::string>());
   }
@@ -97,12 +72,12 @@ absl::Status ReadInts(const nlohmann::json& json, const char* field, std::vector
   auto it = json.find(field);
   if (it == json.end()) return absl::OkStatus();
   if (!it->is_array()) {
-    return FieldError(field, absl::StrCat("expected a list of integers, got ", it->dump()));
+    return Fields().Error(field, absl::StrCat("expected a list of integers, got ", it->dump()));
   }
   out->clear();
   for (const auto& v : *it) {
     if (!v.is_number_integer()) {
-      return FieldError(field, absl::StrCat("expected a list of integers, got ", it->dump()));
+      return Fields().Error(field, absl::StrCat("expected a list of integers, got ", it->dump()));
     }
     out->push_back(v.get<int64_t>());
   }
@@ -112,14 +87,14 @@ absl::Status ReadInts(const nlohmann::json& json, const char* field, std::vector
 absl::Status CheckTypes(const std::vector<std::string>& types, const char* field,
                         const char* expected, std::size_t levels) {
   if (types.size() != levels) {
-    return FieldError(
+    return Fields().Error(
         field, absl::StrCat("has ", types.size(), " entries but block_out_channels has ", levels,
                             " (one block per level)"));
   }
   for (std::size_t i = 0; i < types.size(); ++i) {
     if (types[i] != expected) {
-      return FieldError(field, absl::StrCat("entry ", i, ": unknown block type \"", types[i],
-                                            "\" (AutoencoderKL supports \"", expected, "\")"));
+      return Fields().Error(field, absl::StrCat("entry ", i, ": unknown block type \"", types[i],
+                                                "\" (AutoencoderKL supports \"", expected, "\")"));
     }
   }
   return absl::OkStatus();
@@ -132,26 +107,26 @@ nlohmann::json Nullable(const std::optional<std::vector<double>>& v) {
 }  // namespace
 
 absl::Status AutoencoderKLConfig::Validate() const {
-  RETURN_IF_ERROR(Positive("in_channels", in_channels));
-  RETURN_IF_ERROR(Positive("out_channels", out_channels));
-  RETURN_IF_ERROR(Positive("latent_channels", latent_channels));
-  RETURN_IF_ERROR(Positive("layers_per_block", layers_per_block));
-  RETURN_IF_ERROR(Positive("norm_num_groups", norm_num_groups));
-  if (block_out_channels.empty()) return FieldError("block_out_channels", "must not be empty");
+  RETURN_IF_ERROR(Fields().Positive("in_channels", in_channels));
+  RETURN_IF_ERROR(Fields().Positive("out_channels", out_channels));
+  RETURN_IF_ERROR(Fields().Positive("latent_channels", latent_channels));
+  RETURN_IF_ERROR(Fields().Positive("layers_per_block", layers_per_block));
+  RETURN_IF_ERROR(Fields().Positive("norm_num_groups", norm_num_groups));
+  if (block_out_channels.empty()) return Fields().Error("block_out_channels", "must not be empty");
   if (num_levels() > kMaxLevels) {
-    return FieldError("block_out_channels", absl::StrCat("too many levels: ", num_levels(),
-                                                         " (at most ", kMaxLevels, ")"));
+    return Fields().Error("block_out_channels", absl::StrCat("too many levels: ", num_levels(),
+                                                             " (at most ", kMaxLevels, ")"));
   }
   for (std::size_t i = 0; i < block_out_channels.size(); ++i) {
     const int64_t c = block_out_channels[i];
-    if (c <= 0 || c > kMaxSize) {
-      return FieldError("block_out_channels",
-                        absl::StrCat("entry ", i, " must be positive, got ", c));
+    if (c <= 0 || c > Fields().max_size()) {
+      return Fields().Error("block_out_channels",
+                            absl::StrCat("entry ", i, " must be positive, got ", c));
     }
     if (c % norm_num_groups != 0) {
-      return FieldError("norm_num_groups",
-                        absl::StrCat(norm_num_groups, " does not divide block_out_channels[", i,
-                                     "] = ", c, " (GroupNorm needs whole groups)"));
+      return Fields().Error("norm_num_groups",
+                            absl::StrCat(norm_num_groups, " does not divide block_out_channels[", i,
+                                         "] = ", c, " (GroupNorm needs whole groups)"));
     }
   }
   RETURN_IF_ERROR(CheckTypes(down_block_types, "down_block_types", kDownEncoderBlock2D,
@@ -159,19 +134,19 @@ absl::Status AutoencoderKLConfig::Validate() const {
   RETURN_IF_ERROR(
       CheckTypes(up_block_types, "up_block_types", kUpDecoderBlock2D, block_out_channels.size()));
   if (act_fn != "silu" && act_fn != "swish") {
-    return FieldError("act_fn", absl::StrCat("unsupported activation \"", act_fn,
-                                             "\" (supported: \"silu\", \"swish\")"));
+    return Fields().Error("act_fn", absl::StrCat("unsupported activation \"", act_fn,
+                                                 "\" (supported: \"silu\", \"swish\")"));
   }
   if (sample_size.empty() || sample_size.size() > 2) {
-    return FieldError("sample_size", "expected an integer or [height, width]");
+    return Fields().Error("sample_size", "expected an integer or [height, width]");
   }
-  for (int64_t s : sample_size) RETURN_IF_ERROR(Positive("sample_size", s));
+  for (int64_t s : sample_size) RETURN_IF_ERROR(Fields().Positive("sample_size", s));
   if (!std::isfinite(scaling_factor) || scaling_factor == 0) {
-    return FieldError("scaling_factor",
-                      absl::StrCat("must be finite and non-zero, got ", scaling_factor));
+    return Fields().Error("scaling_factor",
+                          absl::StrCat("must be finite and non-zero, got ", scaling_factor));
   }
   if (shift_factor.has_value() && !std::isfinite(*shift_factor)) {
-    return FieldError("shift_factor", absl::StrCat("must be finite, got ", *shift_factor));
+    return Fields().Error("shift_factor", absl::StrCat("must be finite, got ", *shift_factor));
   }
   return absl::OkStatus();
 }
@@ -183,25 +158,25 @@ absl::StatusOr<AutoencoderKLConfig> AutoencoderKLConfig::FromJson(const nlohmann
   }
   if (auto it = json.find("_class_name"); it != json.end()) {
     if (!it->is_string() || it->get<std::string>() != kAutoencoderKLClassName) {
-      return FieldError("_class_name", absl::StrCat("expected \"", kAutoencoderKLClassName,
-                                                    "\", got ", it->dump()));
+      return Fields().Error("_class_name", absl::StrCat("expected \"", kAutoencoderKLClassName,
+                                                        "\", got ", it->dump()));
     }
   }
   AutoencoderKLConfig c;
-  RETURN_IF_ERROR(ReadInt(json, "in_channels", &c.in_channels));
-  RETURN_IF_ERROR(ReadInt(json, "out_channels", &c.out_channels));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "in_channels", &c.in_channels));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "out_channels", &c.out_channels));
   RETURN_IF_ERROR(ReadStrings(json, "down_block_types", &c.down_block_types));
   RETURN_IF_ERROR(ReadStrings(json, "up_block_types", &c.up_block_types));
   RETURN_IF_ERROR(ReadInts(json, "block_out_channels", &c.block_out_channels));
-  RETURN_IF_ERROR(ReadInt(json, "layers_per_block", &c.layers_per_block));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "layers_per_block", &c.layers_per_block));
   if (auto it = json.find("act_fn"); it != json.end()) {
     if (!it->is_string()) {
-      return FieldError("act_fn", absl::StrCat("expected a string, got ", it->dump()));
+      return Fields().Error("act_fn", absl::StrCat("expected a string, got ", it->dump()));
     }
     c.act_fn = it->get<std::string>();
   }
-  RETURN_IF_ERROR(ReadInt(json, "latent_channels", &c.latent_channels));
-  RETURN_IF_ERROR(ReadInt(json, "norm_num_groups", &c.norm_num_groups));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "latent_channels", &c.latent_channels));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "norm_num_groups", &c.norm_num_groups));
   if (auto it = json.find("sample_size"); it != json.end()) {
     if (it->is_number_integer()) {
       c.sample_size = {it->get<int64_t>()};
@@ -219,10 +194,10 @@ absl::StatusOr<AutoencoderKLConfig> AutoencoderKLConfig::FromJson(const nlohmann
   }
   RETURN_IF_ERROR(ReadNumbers(json, "latents_mean", &c.latents_mean));
   RETURN_IF_ERROR(ReadNumbers(json, "latents_std", &c.latents_std));
-  RETURN_IF_ERROR(ReadBool(json, "force_upcast", &c.force_upcast));
-  RETURN_IF_ERROR(ReadBool(json, "use_quant_conv", &c.use_quant_conv));
-  RETURN_IF_ERROR(ReadBool(json, "use_post_quant_conv", &c.use_post_quant_conv));
-  RETURN_IF_ERROR(ReadBool(json, "mid_block_add_attention", &c.mid_block_add_attention));
+  RETURN_IF_ERROR(Fields().ReadBool(json, "force_upcast", &c.force_upcast));
+  RETURN_IF_ERROR(Fields().ReadBool(json, "use_quant_conv", &c.use_quant_conv));
+  RETURN_IF_ERROR(Fields().ReadBool(json, "use_post_quant_conv", &c.use_post_quant_conv));
+  RETURN_IF_ERROR(Fields().ReadBool(json, "mid_block_add_attention", &c.mid_block_add_attention));
   RETURN_IF_ERROR(c.Validate());
   return c;
 }

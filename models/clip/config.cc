@@ -4,84 +4,47 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "handlers/config_json.h"
 #include "handlers/status.h"
 
 namespace ds::clip {
 namespace {
 
-absl::Status FieldError(absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("CLIPTextConfig.", field, ": ", what));
-}
-
-// Far above any real model; keeps products of sizes inside int64.
-constexpr int64_t kMaxSize = int64_t{1} << 24;
-
-absl::Status Positive(absl::string_view field, int64_t value) {
-  if (value <= 0) return FieldError(field, absl::StrCat("must be positive, got ", value));
-  if (value > kMaxSize) return FieldError(field, absl::StrCat("too large: ", value));
-  return absl::OkStatus();
-}
-
-// JSON integers only (transformers writes sizes and token ids as integers).
-absl::Status ReadInt(const nlohmann::json& json, const char* field, int64_t* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_number_integer()) {
-    return FieldError(field, absl::StrCat("expected an integer, got ", it->dump()));
-  }
-  *out = it->get<int64_t>();
-  return absl::OkStatus();
-}
-
-absl::Status ReadDouble(const nlohmann::json& json, const char* field, double* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_number()) {
-    return FieldError(field, absl::StrCat("expected a number, got ", it->dump()));
-  }
-  *out = it->get<double>();
-  return absl::OkStatus();
-}
-
-absl::Status ReadString(const nlohmann::json& json, const char* field, std::string* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_string()) {
-    return FieldError(field, absl::StrCat("expected a string, got ", it->dump()));
-  }
-  *out = it->get<std::string>();
-  return absl::OkStatus();
+// The field readers of this config ("CLIPTextConfig.<field>: ..." errors).
+const ConfigFields& Fields() {
+  static const auto* fields = new ConfigFields("CLIPTextConfig", int64_t{1} << 24);
+  return *fields;
 }
 
 bool SupportedActivation(const std::string& act) {
-  return act == "quick_gelu" || act == "gelu" || act == "gelu_new" ||
-         act == "gelu_pytorch_tanh" || act == "relu" || act == "silu" || act == "swish";
+  return act == "quick_gelu" || act == "gelu" || act == "gelu_new" || act == "gelu_pytorch_tanh" ||
+         act == "relu" || act == "silu" || act == "swish";
 }
 
 }  // namespace
 
 absl::Status CLIPTextConfig::Validate() const {
-  RETURN_IF_ERROR(Positive("vocab_size", vocab_size));
-  RETURN_IF_ERROR(Positive("hidden_size", hidden_size));
-  RETURN_IF_ERROR(Positive("intermediate_size", intermediate_size));
-  RETURN_IF_ERROR(Positive("projection_dim", projection_dim));
-  RETURN_IF_ERROR(Positive("num_hidden_layers", num_hidden_layers));
-  RETURN_IF_ERROR(Positive("num_attention_heads", num_attention_heads));
-  RETURN_IF_ERROR(Positive("max_position_embeddings", max_position_embeddings));
+  RETURN_IF_ERROR(Fields().Positive("vocab_size", vocab_size));
+  RETURN_IF_ERROR(Fields().Positive("hidden_size", hidden_size));
+  RETURN_IF_ERROR(Fields().Positive("intermediate_size", intermediate_size));
+  RETURN_IF_ERROR(Fields().Positive("projection_dim", projection_dim));
+  RETURN_IF_ERROR(Fields().Positive("num_hidden_layers", num_hidden_layers));
+  RETURN_IF_ERROR(Fields().Positive("num_attention_heads", num_attention_heads));
+  RETURN_IF_ERROR(Fields().Positive("max_position_embeddings", max_position_embeddings));
   if (hidden_size % num_attention_heads != 0) {
-    return FieldError("num_attention_heads",
-                      absl::StrCat(num_attention_heads, " does not divide hidden_size ",
-                                   hidden_size));
+    return Fields().Error(
+        "num_attention_heads",
+        absl::StrCat(num_attention_heads, " does not divide hidden_size ", hidden_size));
   }
   if (!SupportedActivation(hidden_act)) {
-    return FieldError("hidden_act",
-                      absl::StrCat("unsupported activation \"", hidden_act,
+    return Fields().Error(
+        "hidden_act", absl::StrCat("unsupported activation \"", hidden_act,
                                    "\" (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, "
                                    "relu, silu, swish)"));
   }
   if (!std::isfinite(layer_norm_eps) || layer_norm_eps <= 0) {
-    return FieldError("layer_norm_eps",
-                      absl::StrCat("must be positive and finite, got ", layer_norm_eps));
+    return Fields().Error("layer_norm_eps",
+                          absl::StrCat("must be positive and finite, got ", layer_norm_eps));
   }
   return absl::OkStatus();
 }
@@ -95,26 +58,26 @@ absl::StatusOr<CLIPTextConfig> CLIPTextConfig::FromJson(const nlohmann::json& ro
   // A CLIPConfig (text + vision): its text half, as CLIPTextConfig.from_pretrained takes it.
   if (auto it = root.find("text_config"); it != root.end()) {
     if (!it->is_object()) {
-      return FieldError("text_config", absl::StrCat("expected an object, got ", it->dump()));
+      return Fields().Error("text_config", absl::StrCat("expected an object, got ", it->dump()));
     }
     json = &*it;
   }
   CLIPTextConfig c;
-  RETURN_IF_ERROR(ReadInt(*json, "vocab_size", &c.vocab_size));
-  RETURN_IF_ERROR(ReadInt(*json, "hidden_size", &c.hidden_size));
-  RETURN_IF_ERROR(ReadInt(*json, "intermediate_size", &c.intermediate_size));
-  RETURN_IF_ERROR(ReadInt(*json, "projection_dim", &c.projection_dim));
-  RETURN_IF_ERROR(ReadInt(*json, "num_hidden_layers", &c.num_hidden_layers));
-  RETURN_IF_ERROR(ReadInt(*json, "num_attention_heads", &c.num_attention_heads));
-  RETURN_IF_ERROR(ReadInt(*json, "max_position_embeddings", &c.max_position_embeddings));
-  RETURN_IF_ERROR(ReadString(*json, "hidden_act", &c.hidden_act));
-  RETURN_IF_ERROR(ReadDouble(*json, "layer_norm_eps", &c.layer_norm_eps));
-  RETURN_IF_ERROR(ReadDouble(*json, "attention_dropout", &c.attention_dropout));
-  RETURN_IF_ERROR(ReadDouble(*json, "initializer_range", &c.initializer_range));
-  RETURN_IF_ERROR(ReadDouble(*json, "initializer_factor", &c.initializer_factor));
-  RETURN_IF_ERROR(ReadInt(*json, "pad_token_id", &c.pad_token_id));
-  RETURN_IF_ERROR(ReadInt(*json, "bos_token_id", &c.bos_token_id));
-  RETURN_IF_ERROR(ReadInt(*json, "eos_token_id", &c.eos_token_id));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "vocab_size", &c.vocab_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "hidden_size", &c.hidden_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "intermediate_size", &c.intermediate_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "projection_dim", &c.projection_dim));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "num_hidden_layers", &c.num_hidden_layers));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "num_attention_heads", &c.num_attention_heads));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "max_position_embeddings", &c.max_position_embeddings));
+  RETURN_IF_ERROR(Fields().ReadString(*json, "hidden_act", &c.hidden_act));
+  RETURN_IF_ERROR(Fields().ReadDouble(*json, "layer_norm_eps", &c.layer_norm_eps));
+  RETURN_IF_ERROR(Fields().ReadDouble(*json, "attention_dropout", &c.attention_dropout));
+  RETURN_IF_ERROR(Fields().ReadDouble(*json, "initializer_range", &c.initializer_range));
+  RETURN_IF_ERROR(Fields().ReadDouble(*json, "initializer_factor", &c.initializer_factor));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "pad_token_id", &c.pad_token_id));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "bos_token_id", &c.bos_token_id));
+  RETURN_IF_ERROR(Fields().ReadInt(*json, "eos_token_id", &c.eos_token_id));
   RETURN_IF_ERROR(c.Validate());
   return c;
 }
@@ -145,7 +108,8 @@ std::vector<ClipParameter> ClipTextParameters(const CLIPTextConfig& c, bool with
   std::vector<ClipParameter> out;
   const int64_t d = c.hidden_size;
   out.push_back({"text_model.embeddings.token_embedding.weight", {c.vocab_size, d}});
-  out.push_back({"text_model.embeddings.position_embedding.weight", {c.max_position_embeddings, d}});
+  out.push_back(
+      {"text_model.embeddings.position_embedding.weight", {c.max_position_embeddings, d}});
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string l = absl::StrCat("text_model.encoder.layers.", i, ".");
     for (const char* proj : {"k_proj", "v_proj", "q_proj", "out_proj"}) {

@@ -4,67 +4,51 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "handlers/config_json.h"
 #include "handlers/status.h"
 
 namespace ds::clip_vision {
 namespace {
 
+// The field readers of this config ("CLIPVisionConfig.<field>: ..." errors).
+const ConfigFields& Fields() {
+  static const auto* fields = new ConfigFields("CLIPVisionConfig", int64_t{1} << 20);
+  return *fields;
+}
+
 constexpr char kActivations[][20] = {"quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh",
                                      "gelu_fast",  "relu", "silu",     "swish"};
-// Far above any real model; keeps products of sizes inside int64.
-constexpr int64_t kMaxSize = int64_t{1} << 20;
-
-absl::Status FieldError(absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("CLIPVisionConfig.", field, ": ", what));
-}
-
-absl::Status Positive(absl::string_view field, int64_t v) {
-  if (v <= 0 || v > kMaxSize) {
-    return FieldError(field, absl::StrCat("must be in [1, ", kMaxSize, "], got ", v));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ReadInt(const nlohmann::json& j, const char* field, int64_t* out) {
-  auto it = j.find(field);
-  if (it == j.end()) return absl::OkStatus();
-  if (!it->is_number_integer()) {
-    return FieldError(field, absl::StrCat("expected an integer, got ", it->dump()));
-  }
-  *out = it->get<int64_t>();
-  return absl::OkStatus();
-}
 
 }  // namespace
 
 absl::Status ClipVisionConfig::Validate() const {
-  RETURN_IF_ERROR(Positive("hidden_size", hidden_size));
-  RETURN_IF_ERROR(Positive("intermediate_size", intermediate_size));
-  RETURN_IF_ERROR(Positive("projection_dim", projection_dim));
-  RETURN_IF_ERROR(Positive("num_hidden_layers", num_hidden_layers));
-  RETURN_IF_ERROR(Positive("num_attention_heads", num_attention_heads));
-  RETURN_IF_ERROR(Positive("num_channels", num_channels));
-  RETURN_IF_ERROR(Positive("image_size", image_size));
-  RETURN_IF_ERROR(Positive("patch_size", patch_size));
+  RETURN_IF_ERROR(Fields().Positive("hidden_size", hidden_size));
+  RETURN_IF_ERROR(Fields().Positive("intermediate_size", intermediate_size));
+  RETURN_IF_ERROR(Fields().Positive("projection_dim", projection_dim));
+  RETURN_IF_ERROR(Fields().Positive("num_hidden_layers", num_hidden_layers));
+  RETURN_IF_ERROR(Fields().Positive("num_attention_heads", num_attention_heads));
+  RETURN_IF_ERROR(Fields().Positive("num_channels", num_channels));
+  RETURN_IF_ERROR(Fields().Positive("image_size", image_size));
+  RETURN_IF_ERROR(Fields().Positive("patch_size", patch_size));
   if (hidden_size % num_attention_heads != 0) {
-    return FieldError(
+    return Fields().Error(
         "num_attention_heads",
         absl::StrCat(num_attention_heads, " does not divide hidden_size ", hidden_size));
   }
   if (image_size % patch_size != 0) {
-    return FieldError("patch_size",
-                      absl::StrCat(patch_size, " does not divide image_size ", image_size));
+    return Fields().Error("patch_size",
+                          absl::StrCat(patch_size, " does not divide image_size ", image_size));
   }
   if (std::none_of(std::begin(kActivations), std::end(kActivations),
                    [&](const char* a) { return hidden_act == a; })) {
-    return FieldError("hidden_act",
-                      absl::StrCat("unsupported activation \"", hidden_act,
+    return Fields().Error(
+        "hidden_act", absl::StrCat("unsupported activation \"", hidden_act,
                                    "\" (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, "
                                    "relu, silu, swish)"));
   }
   if (!std::isfinite(layer_norm_eps) || layer_norm_eps <= 0) {
-    return FieldError("layer_norm_eps",
-                      absl::StrCat("must be finite and positive, got ", layer_norm_eps));
+    return Fields().Error("layer_norm_eps",
+                          absl::StrCat("must be finite and positive, got ", layer_norm_eps));
   }
   return absl::OkStatus();
 }
@@ -76,48 +60,48 @@ absl::StatusOr<ClipVisionConfig> ClipVisionConfig::FromJson(const nlohmann::json
   }
   const nlohmann::json* j = &json;
   if (auto mt = json.find("model_type"); mt != json.end()) {
-    if (!mt->is_string()) return FieldError("model_type", "expected a string");
+    if (!mt->is_string()) return Fields().Error("model_type", "expected a string");
     const std::string type = mt->get<std::string>();
     if (type == "clip") {
       // A full CLIPModel config: transformers' CLIPVisionConfig.from_pretrained takes its
       // vision_config.
       auto vc = json.find("vision_config");
       if (vc == json.end() || !vc->is_object()) {
-        return FieldError("vision_config", "a \"clip\" config needs a vision_config object");
+        return Fields().Error("vision_config", "a \"clip\" config needs a vision_config object");
       }
       j = &*vc;
     } else if (type != kClipVisionModelType) {
-      return FieldError("model_type", absl::StrCat("expected \"", kClipVisionModelType,
-                                                   "\" (or \"clip\"), got \"", type, "\""));
+      return Fields().Error("model_type", absl::StrCat("expected \"", kClipVisionModelType,
+                                                       "\" (or \"clip\"), got \"", type, "\""));
     } else if (auto arch = json.find("architectures"); arch != json.end() && !arch->is_null()) {
       const bool ok =
           arch->is_array() && std::any_of(arch->begin(), arch->end(), [](const nlohmann::json& a) {
             return a.is_string() && a.get<std::string>() == kClipVisionClassName;
           });
       if (!ok) {
-        return FieldError("architectures", absl::StrCat("expected [\"", kClipVisionClassName,
-                                                        "\"], got ", arch->dump()));
+        return Fields().Error("architectures", absl::StrCat("expected [\"", kClipVisionClassName,
+                                                            "\"], got ", arch->dump()));
       }
     }
   }
   ClipVisionConfig c;
-  RETURN_IF_ERROR(ReadInt(*j, "hidden_size", &c.hidden_size));
-  RETURN_IF_ERROR(ReadInt(*j, "intermediate_size", &c.intermediate_size));
-  RETURN_IF_ERROR(ReadInt(*j, "projection_dim", &c.projection_dim));
-  RETURN_IF_ERROR(ReadInt(*j, "num_hidden_layers", &c.num_hidden_layers));
-  RETURN_IF_ERROR(ReadInt(*j, "num_attention_heads", &c.num_attention_heads));
-  RETURN_IF_ERROR(ReadInt(*j, "num_channels", &c.num_channels));
-  RETURN_IF_ERROR(ReadInt(*j, "image_size", &c.image_size));
-  RETURN_IF_ERROR(ReadInt(*j, "patch_size", &c.patch_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "hidden_size", &c.hidden_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "intermediate_size", &c.intermediate_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "projection_dim", &c.projection_dim));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "num_hidden_layers", &c.num_hidden_layers));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "num_attention_heads", &c.num_attention_heads));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "num_channels", &c.num_channels));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "image_size", &c.image_size));
+  RETURN_IF_ERROR(Fields().ReadInt(*j, "patch_size", &c.patch_size));
   if (auto it = j->find("hidden_act"); it != j->end()) {
     if (!it->is_string()) {
-      return FieldError("hidden_act", absl::StrCat("expected a string, got ", it->dump()));
+      return Fields().Error("hidden_act", absl::StrCat("expected a string, got ", it->dump()));
     }
     c.hidden_act = it->get<std::string>();
   }
   if (auto it = j->find("layer_norm_eps"); it != j->end()) {
     if (!it->is_number()) {
-      return FieldError("layer_norm_eps", absl::StrCat("expected a number, got ", it->dump()));
+      return Fields().Error("layer_norm_eps", absl::StrCat("expected a number, got ", it->dump()));
     }
     c.layer_norm_eps = it->get<double>();
   }

@@ -5,51 +5,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "handlers/config_json.h"
 #include "handlers/status.h"
 
 namespace ds::t5 {
 namespace {
 
-absl::Status FieldError(absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("T5Config.", field, ": ", what));
-}
-
-constexpr int64_t kMaxSize = int64_t{1} << 24;
-
-absl::Status Positive(absl::string_view field, int64_t value) {
-  if (value <= 0) return FieldError(field, absl::StrCat("must be positive, got ", value));
-  if (value > kMaxSize) return FieldError(field, absl::StrCat("too large: ", value));
-  return absl::OkStatus();
-}
-
-absl::Status ReadInt(const nlohmann::json& json, const char* field, int64_t* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_number_integer()) {
-    return FieldError(field, absl::StrCat("expected an integer, got ", it->dump()));
-  }
-  *out = it->get<int64_t>();
-  return absl::OkStatus();
-}
-
-absl::Status ReadDouble(const nlohmann::json& json, const char* field, double* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_number()) {
-    return FieldError(field, absl::StrCat("expected a number, got ", it->dump()));
-  }
-  *out = it->get<double>();
-  return absl::OkStatus();
-}
-
-absl::Status ReadString(const nlohmann::json& json, const char* field, std::string* out) {
-  auto it = json.find(field);
-  if (it == json.end()) return absl::OkStatus();
-  if (!it->is_string()) {
-    return FieldError(field, absl::StrCat("expected a string, got ", it->dump()));
-  }
-  *out = it->get<std::string>();
-  return absl::OkStatus();
+// The field readers of this config ("T5Config.<field>: ..." errors).
+const ConfigFields& Fields() {
+  static const auto* fields = new ConfigFields("T5Config", int64_t{1} << 24);
+  return *fields;
 }
 
 bool SupportedActivation(const std::string& act) {
@@ -60,28 +25,31 @@ bool SupportedActivation(const std::string& act) {
 }  // namespace
 
 absl::Status T5Config::Validate() const {
-  RETURN_IF_ERROR(Positive("vocab_size", vocab_size));
-  RETURN_IF_ERROR(Positive("d_model", d_model));
-  RETURN_IF_ERROR(Positive("d_kv", d_kv));
-  RETURN_IF_ERROR(Positive("d_ff", d_ff));
-  RETURN_IF_ERROR(Positive("num_layers", num_layers));
-  RETURN_IF_ERROR(Positive("num_heads", num_heads));
-  RETURN_IF_ERROR(Positive("relative_attention_num_buckets", relative_attention_num_buckets));
+  RETURN_IF_ERROR(Fields().Positive("vocab_size", vocab_size));
+  RETURN_IF_ERROR(Fields().Positive("d_model", d_model));
+  RETURN_IF_ERROR(Fields().Positive("d_kv", d_kv));
+  RETURN_IF_ERROR(Fields().Positive("d_ff", d_ff));
+  RETURN_IF_ERROR(Fields().Positive("num_layers", num_layers));
+  RETURN_IF_ERROR(Fields().Positive("num_heads", num_heads));
+  RETURN_IF_ERROR(
+      Fields().Positive("relative_attention_num_buckets", relative_attention_num_buckets));
   if (relative_attention_num_buckets < 4) {
     // Bidirectional bucketing halves the buckets, then uses half of those for exact distances.
-    return FieldError("relative_attention_num_buckets",
-                      absl::StrCat("must be at least 4, got ", relative_attention_num_buckets));
+    return Fields().Error("relative_attention_num_buckets",
+                          absl::StrCat("must be at least 4, got ", relative_attention_num_buckets));
   }
-  RETURN_IF_ERROR(Positive("relative_attention_max_distance", relative_attention_max_distance));
+  RETURN_IF_ERROR(
+      Fields().Positive("relative_attention_max_distance", relative_attention_max_distance));
   if (!SupportedActivation(dense_act_fn)) {
-    return FieldError("dense_act_fn",
-                      absl::StrCat("unsupported activation \"", dense_act_fn,
-                                   "\" (supported: relu, gelu, gelu_new, gelu_pytorch_tanh, silu, "
-                                   "swish)"));
+    return Fields().Error(
+        "dense_act_fn",
+        absl::StrCat("unsupported activation \"", dense_act_fn,
+                     "\" (supported: relu, gelu, gelu_new, gelu_pytorch_tanh, silu, "
+                     "swish)"));
   }
   if (!std::isfinite(layer_norm_epsilon) || layer_norm_epsilon <= 0) {
-    return FieldError("layer_norm_epsilon",
-                      absl::StrCat("must be positive and finite, got ", layer_norm_epsilon));
+    return Fields().Error("layer_norm_epsilon",
+                          absl::StrCat("must be positive and finite, got ", layer_norm_epsilon));
   }
   return absl::OkStatus();
 }
@@ -92,44 +60,44 @@ absl::StatusOr<T5Config> T5Config::FromJson(const nlohmann::json& json) {
         absl::StrCat("T5Config: expected a JSON object, got ", json.type_name()));
   }
   T5Config c;
-  RETURN_IF_ERROR(ReadInt(json, "vocab_size", &c.vocab_size));
-  RETURN_IF_ERROR(ReadInt(json, "d_model", &c.d_model));
-  RETURN_IF_ERROR(ReadInt(json, "d_kv", &c.d_kv));
-  RETURN_IF_ERROR(ReadInt(json, "d_ff", &c.d_ff));
-  RETURN_IF_ERROR(ReadInt(json, "num_layers", &c.num_layers));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "vocab_size", &c.vocab_size));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "d_model", &c.d_model));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "d_kv", &c.d_kv));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "d_ff", &c.d_ff));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "num_layers", &c.num_layers));
   if (auto it = json.find("num_decoder_layers"); it != json.end() && !it->is_null()) {
-    RETURN_IF_ERROR(ReadInt(json, "num_decoder_layers", &c.num_decoder_layers));
+    RETURN_IF_ERROR(Fields().ReadInt(json, "num_decoder_layers", &c.num_decoder_layers));
   }
-  RETURN_IF_ERROR(ReadInt(json, "num_heads", &c.num_heads));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "num_heads", &c.num_heads));
   RETURN_IF_ERROR(
-      ReadInt(json, "relative_attention_num_buckets", &c.relative_attention_num_buckets));
-  RETURN_IF_ERROR(
-      ReadInt(json, "relative_attention_max_distance", &c.relative_attention_max_distance));
-  RETURN_IF_ERROR(ReadDouble(json, "dropout_rate", &c.dropout_rate));
-  RETURN_IF_ERROR(ReadDouble(json, "layer_norm_epsilon", &c.layer_norm_epsilon));
-  RETURN_IF_ERROR(ReadDouble(json, "initializer_factor", &c.initializer_factor));
-  RETURN_IF_ERROR(ReadString(json, "feed_forward_proj", &c.feed_forward_proj));
+      Fields().ReadInt(json, "relative_attention_num_buckets", &c.relative_attention_num_buckets));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "relative_attention_max_distance",
+                                   &c.relative_attention_max_distance));
+  RETURN_IF_ERROR(Fields().ReadDouble(json, "dropout_rate", &c.dropout_rate));
+  RETURN_IF_ERROR(Fields().ReadDouble(json, "layer_norm_epsilon", &c.layer_norm_epsilon));
+  RETURN_IF_ERROR(Fields().ReadDouble(json, "initializer_factor", &c.initializer_factor));
+  RETURN_IF_ERROR(Fields().ReadString(json, "feed_forward_proj", &c.feed_forward_proj));
   // T5Config.__init__: "[gated-]ACT"; "gated-gelu" means gelu_new.
   const std::vector<std::string> parts = absl::StrSplit(c.feed_forward_proj, '-');
   if (parts.empty() || parts.back().empty() || (parts.size() > 1 && parts[0] != "gated") ||
       parts.size() > 2) {
-    return FieldError("feed_forward_proj",
-                      absl::StrCat("\"", c.feed_forward_proj,
-                                   "\" is not a valid activation; use \"gated-{ACT}\" or "
-                                   "\"{ACT}\", e.g. \"gated-gelu\" or \"relu\""));
+    return Fields().Error("feed_forward_proj",
+                          absl::StrCat("\"", c.feed_forward_proj,
+                                       "\" is not a valid activation; use \"gated-{ACT}\" or "
+                                       "\"{ACT}\", e.g. \"gated-gelu\" or \"relu\""));
   }
   c.dense_act_fn = parts.back();
   c.is_gated_act = parts[0] == "gated";
   if (c.feed_forward_proj == "gated-gelu") c.dense_act_fn = "gelu_new";
-  RETURN_IF_ERROR(ReadString(json, "dense_act_fn", &c.dense_act_fn));
+  RETURN_IF_ERROR(Fields().ReadString(json, "dense_act_fn", &c.dense_act_fn));
   if (auto it = json.find("is_gated_act"); it != json.end()) {
     if (!it->is_boolean()) {
-      return FieldError("is_gated_act", absl::StrCat("expected a boolean, got ", it->dump()));
+      return Fields().Error("is_gated_act", absl::StrCat("expected a boolean, got ", it->dump()));
     }
     c.is_gated_act = it->get<bool>();
   }
-  RETURN_IF_ERROR(ReadInt(json, "pad_token_id", &c.pad_token_id));
-  RETURN_IF_ERROR(ReadInt(json, "eos_token_id", &c.eos_token_id));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "pad_token_id", &c.pad_token_id));
+  RETURN_IF_ERROR(Fields().ReadInt(json, "eos_token_id", &c.eos_token_id));
   RETURN_IF_ERROR(c.Validate());
   return c;
 }
