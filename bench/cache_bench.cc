@@ -1,9 +1,10 @@
-// FirstBlockCache speedup and quality (issue 9 target: >= 1.6x at the default threshold on a
-// 28-step generation, with the PSNR against the uncached output reported).
+// FirstBlockCache and TaylorSeer speedup and quality (issue 9 target: >= 1.6x at the default
+// threshold on a 28-step generation, with the PSNR against the uncached output reported).
 //
 //   cache_bench [--threads N] [--layers 2] [--single_layers 4] [--heads 2] [--head_dim 32]
 //               [--size 64] [--txt_tokens 64] [--steps 28] [--rounds 3]
 //               [--thresholds 0.05,0.1,0.2,0.3,0.5,0.8] [--vae_channels 16,32] [--weights_seed 0]
+//               [--taylorseer_intervals 3]
 //
 // A FluxPipeline with random weights (a FLUX.1-dev-layout transformer of the given size, guidance
 // embedding, and a small AutoencoderKL), built in this process. Each round generates the same
@@ -14,12 +15,18 @@
 // decoded cached image against the decoded uncached one (images in [0, 1], peak 1), plus the
 // latents' relative L2 error. Random weights are not a trained model: how often the head block's
 // residual stays within a threshold is a property of the weights, so the curve is the result.
+// TaylorSeer rows (same rounds, same uncached reference): diffusers' defaults (cache_interval 5,
+// disable_cache_before_step 3, max_order 1, bfloat16 factors; attention outputs predicted), the
+// same in lite mode (the model output predicted, no block run), and every --taylorseer_intervals
+// value with the other defaults. Its schedule is fixed, so its skipped count does not depend on
+// the weights; its quality does.
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,6 +34,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "handlers/block_cache.h"
 #include "handlers/image_decoder.h"
@@ -51,6 +59,8 @@ ABSL_FLAG(std::string, thresholds, "0.05,0.1,0.2,0.3,0.5,0.8",
           "FirstBlockCache thresholds (the first is reported as the default's when it is 0.05)");
 ABSL_FLAG(std::string, vae_channels, "16,32", "VAE block_out_channels");
 ABSL_FLAG(int32_t, weights_seed, 0, "seed of the random weights");
+ABSL_FLAG(std::string, taylorseer_intervals, "3",
+          "extra TaylorSeer cache_interval values to report (besides the default 5); empty: none");
 
 namespace {
 
@@ -174,9 +184,29 @@ int main(int argc, char** argv) {
     std::vector<double> speedups;
     int64_t skipped = 0, computed = 0;
     double psnr = 0, latent_rel = 0;
+    std::optional<ds::BlockCacheConfig> config;  // set: this config instead of the threshold
+    std::string label;
   };
   std::vector<Row> rows;
-  for (double t : thresholds) rows.push_back({t, {}, 0, 0, 0, 0});
+  for (double t : thresholds) rows.push_back({t, {}, 0, 0, 0, 0, std::nullopt, ""});
+  {
+    ds::BlockCacheConfig taylor;
+    taylor.type = ds::kTaylorSeerCacheType;
+    rows.push_back({0, {}, 0, 0, 0, 0, taylor, "taylorseer (defaults)"});
+    std::vector<double> intervals;
+    if (!absl::GetFlag(FLAGS_taylorseer_intervals).empty() &&
+        !ParseList(absl::GetFlag(FLAGS_taylorseer_intervals), &intervals)) {
+      std::fprintf(stderr, "bad --taylorseer_intervals\n");
+      return 2;
+    }
+    for (double interval : intervals) {
+      ds::BlockCacheConfig c = taylor;
+      c.cache_interval = static_cast<int64_t>(interval);
+      rows.push_back({0, {}, 0, 0, 0, 0, c, absl::StrCat("taylorseer interval ", c.cache_interval)});
+    }
+    taylor.use_lite_mode = true;
+    rows.push_back({0, {}, 0, 0, 0, 0, taylor, "taylorseer lite (defaults)"});
+  }
   std::vector<double> uncached_s;
   for (int round = 0; round < rounds; ++round) {
     request.cache.reset();
@@ -184,7 +214,9 @@ int main(int argc, char** argv) {
     if (!base.ok()) return Fail(base.status());
     uncached_s.push_back(base->denoise_seconds);
     for (Row& row : rows) {
-      request.cache = ds::BlockCacheConfig{ds::kFirstBlockCacheType, row.threshold};
+      request.cache = row.config.has_value()
+                          ? *row.config
+                          : ds::BlockCacheConfig{ds::kFirstBlockCacheType, row.threshold};
       auto cached = (*pipeline)->Generate(request);
       if (!cached.ok()) return Fail(cached.status());
       row.speedups.push_back(base->denoise_seconds / cached->denoise_seconds);
@@ -207,16 +239,18 @@ int main(int argc, char** argv) {
       rounds, static_cast<unsigned long long>(seed));
   std::printf("  uncached denoise loop: median %.1f ms (%.2f ms/step)\n",
               Median(uncached_s) * 1e3, Median(uncached_s) * 1e3 / absl::GetFlag(FLAGS_steps));
-  std::printf("  %-10s %-18s %-22s %-12s %s\n", "threshold", "skipped/forwards",
-              "speedup (min..max)", "PSNR dB", "latents rel. L2");
+  std::printf("  %-28s %-18s %-22s %-12s %s\n", "first_block_cache threshold",
+              "skipped/forwards", "speedup (min..max)", "PSNR dB", "latents rel. L2");
   for (const Row& row : rows) {
-    std::printf("  %-10.3g %4lld/%-13lld %5.2fx (%.2f..%.2f)     %-12.2f %.4f%s\n",
-                row.threshold, static_cast<long long>(row.skipped),
+    const std::string label =
+        row.config.has_value() ? row.label : absl::StrCat(row.threshold);
+    std::printf("  %-28s %4lld/%-13lld %5.2fx (%.2f..%.2f)     %-12.2f %.4f%s\n",
+                label.c_str(), static_cast<long long>(row.skipped),
                 static_cast<long long>(row.skipped + row.computed), Median(row.speedups),
                 *std::min_element(row.speedups.begin(), row.speedups.end()),
                 *std::max_element(row.speedups.begin(), row.speedups.end()), row.psnr,
                 row.latent_rel,
-                row.threshold == ds::kFirstBlockCacheDefaultThreshold
+                !row.config.has_value() && row.threshold == ds::kFirstBlockCacheDefaultThreshold
                     ? "   <- default threshold [target >= 1.6x]"
                     : "");
   }

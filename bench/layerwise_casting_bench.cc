@@ -4,10 +4,13 @@
 //
 //   layerwise_casting_bench [--threads N] [--layers 4] [--single_layers 8] [--heads 12]
 //                           [--head_dim 64] [--img_tokens 1024] [--txt_tokens 128] [--repeat 5]
-//                           [--storage bfloat16|float16]
+//                           [--storage bfloat16|float16] [--float8=true]
 //
 // Two storage rows: diffusers' skip patterns (Flux keeps its modulation linears and the final
-// proj_out in float32) and every linear but pos_embed/proj_out cast ("all linears").
+// proj_out in float32) and every linear but pos_embed/proj_out cast ("all linears"); with
+// --float8 the same two rows again for 8-bit float storage (float8_e4m3fn: uint8 codes + float32
+// row scales) and an all-linears float8_e5m2 row. Errors are max |out - fp32| (absolute) and that
+// over max |fp32| (relative).
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -34,6 +37,7 @@ ABSL_FLAG(int32_t, img_tokens, 1024, "image tokens");
 ABSL_FLAG(int32_t, txt_tokens, 128, "text tokens");
 ABSL_FLAG(int32_t, repeat, 5, "timed forward passes per model (median reported)");
 ABSL_FLAG(std::string, storage, "bfloat16", "storage dtype: bfloat16 or float16");
+ABSL_FLAG(bool, float8, true, "also measure 8-bit float storage (float8_e4m3fn, float8_e5m2)");
 
 namespace {
 
@@ -98,14 +102,31 @@ int main(int argc, char** argv) {
     std::unique_ptr<ds::flux::FluxTransformer> model;
   };
   std::vector<Row> rows;
+  const std::vector<std::string> all_linears = {"pos_embed", "patch_embed", "^proj_in$",
+                                                "^proj_out$"};
   ds::ModelOptions cast;
   cast.storage_dtype = **storage;
   rows.push_back({"diffusers skip patterns", Build(config, cast)});
-  cast.layerwise_casting_skip_patterns =
-      std::vector<std::string>{"pos_embed", "patch_embed", "^proj_in$", "^proj_out$"};
+  cast.layerwise_casting_skip_patterns = all_linears;
   rows.push_back({"all linears", Build(config, cast)});
+  if (absl::GetFlag(FLAGS_float8)) {
+    ds::ModelOptions f8;
+    f8.storage_dtype = torch::kByte;  // 8-bit float codes + row scales
+    f8.float8_format = ds::Float8Format::kE4M3FN;
+    rows.push_back({"e4m3fn skip patterns", Build(config, f8)});
+    f8.layerwise_casting_skip_patterns = all_linears;
+    rows.push_back({"e4m3fn all linears", Build(config, f8)});
+    f8.float8_format = ds::Float8Format::kE5M2;
+    rows.push_back({"e5m2 all linears", Build(config, f8)});
+  }
   for (Row& r : rows) {
-    const absl::Status s = ds::LoadStateDict(r.model->module(), weights);
+    // 8-bit rows quantize the float32 weights into codes and scales first.
+    auto stored = ds::ToStorageForm(r.model->module(), weights, r.model->options().float8_format);
+    if (!stored.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(stored.status().message()).c_str());
+      return 1;
+    }
+    const absl::Status s = ds::LoadStateDict(r.model->module(), *stored);
     if (!s.ok()) {
       std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
       return 1;
@@ -139,10 +160,12 @@ int main(int argc, char** argv) {
     torch::Tensor out;
     const double t = MedianSeconds(repeat, [&] { out = *r.model->Forward(in); });
     const double bytes = static_cast<double>(ds::ParameterBytes(r.model->module()));
-    const double err = (out - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+    const double abs_err = (out - ref).abs().max().item<double>();
+    const double err = abs_err / ref.abs().max().item<double>();
     std::printf("  %-26s resident %9.1f MiB (%.3f)  forward %8.1f ms (%.3f)  "
-                "max|out - fp32|/max|fp32| %.3g\n",
-                r.name.c_str(), bytes / (1 << 20), bytes / bytes_fp32, t * 1e3, t / t_fp32, err);
+                "max|out - fp32| %.3g (/max|fp32| %.3g)\n",
+                r.name.c_str(), bytes / (1 << 20), bytes / bytes_fp32, t * 1e3, t / t_fp32,
+                abs_err, err);
   }
   return 0;
 }

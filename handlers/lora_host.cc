@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/layerwise_casting.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 #include "handlers/tensor_checks.h"
@@ -432,6 +433,8 @@ absl::Status LoraHost::Fuse(const std::vector<AdapterRequest>& adapters) {
   };
   std::map<std::string, torch::Tensor> next;  // param -> fused value
   int64_t extra = 0;
+  const Float8Format float8_format = model_->options().float8_format;
+  absl::Status quantized;  // re-encoding 8-bit fused weights
   absl::Status computed = TorchCallVoid("LoRA fuse", [&] {
     torch::NoGradGuard no_grad;
     // Accumulate in float32 and round once.
@@ -442,7 +445,12 @@ absl::Status LoraHost::Fuse(const std::vector<AdapterRequest>& adapters) {
         const torch::Tensor& w = base(wname);
         torch::Tensor& a = acc[wname];
         const int64_t in = std::max<int64_t>(m.down.size(1), a.defined() ? a.size(1) : w.size(1));
-        if (!a.defined()) a = w.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true);
+        if (!a.defined()) {
+          // 8-bit stored weights (layerwise_casting.h) are decoded with their pristine scales.
+          a = w.scalar_type() == torch::kByte
+                  ? DequantizeFloat8(w, base(Float8ScaleName(wname)), float8_format)
+                  : w.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true);
+        }
         if (a.size(1) < in) {
           a = torch::cat({a, torch::zeros({a.size(0), in - a.size(1)}, a.options())}, 1);
         }
@@ -458,10 +466,24 @@ absl::Status LoraHost::Fuse(const std::vector<AdapterRequest>& adapters) {
       for (const LoraOverlay& o : u.adapter->overlays) acc[o.param] = o.value.to(torch::kFloat);
     }
     for (auto& [param, value] : acc) {
-      next[param] = value.to(params_.at(param).scalar_type());
+      if (params_.at(param).scalar_type() == torch::kByte) {
+        // 8-bit storage: re-encoded with fresh per-row scales (the fused weight's own range).
+        auto q = QuantizeFloat8(value, float8_format, param);
+        if (!q.ok()) {
+          quantized = q.status();
+          return;
+        }
+        const std::string scale = Float8ScaleName(param);
+        next[scale] = q->scale.to(params_.at(scale).device());
+        extra += Bytes(next[scale]);
+        next[param] = q->codes.to(params_.at(param).device());
+      } else {
+        next[param] = value.to(params_.at(param).scalar_type());
+      }
       extra += Bytes(next[param]);
     }
   });
+  if (computed.ok()) computed = quantized;
   if (!computed.ok()) {
     restore_claim();
     return computed;

@@ -164,8 +164,9 @@ struct PipelineRequest {
   bool png = false;
   // Step caching (block_cache.h; a type in limits().cache_types): e.g. FirstBlockCache skips the
   // transformer's blocks after the first when the first block's residual changed by at most
-  // `threshold` since they last ran. The pipeline keeps one state per request and per guidance
-  // branch, never shared. Unset: no caching.
+  // `threshold` since they last ran; TaylorSeer predicts hooked modules' outputs on a fixed
+  // schedule of steps. The pipeline keeps one state per request and per guidance branch, never
+  // shared, and gives it the denoising step index (BlockCacheState::SetStep). Unset: no caching.
   std::optional<BlockCacheConfig> cache;
 };
 
@@ -207,8 +208,9 @@ struct PipelineResult {
   // Image prompts: seconds spent preprocessing and encoding request images (0 without images).
   double image_encode_seconds = 0;
   // Step caching (PipelineRequest::cache): transformer forwards that ran every block and that
-  // skipped the blocks after the first, summed over guidance branches (with true CFG a step
-  // counts once per branch). Both 0 without caching.
+  // skipped work (FirstBlockCache: the blocks after the first; TaylorSeer: predicted the hooked
+  // modules), summed over guidance branches (with true CFG a step counts once per branch). Both 0
+  // without caching.
   int64_t cache_computed_steps = 0;
   int64_t cache_skipped_steps = 0;
 };

@@ -7,6 +7,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/device_map.h"
 #include "handlers/layerwise_casting.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
@@ -48,6 +49,7 @@ ModelMetadata BuildModelMetadata(const ModelSpec& spec) {
   if (spec.lora != nullptr) add("_lora", Sorted(spec.lora->FormatNames()));
   if (spec.ip_adapter != nullptr) add("_supports_ip_adapter", true);
   if (spec.cache != nullptr && !spec.cache->CacheTypes().empty()) add("_supports_cache", true);
+  if (spec.group_offloading) add("_supports_group_offloading", true);
   return ModelMetadata(spec.class_name, std::move(rows));
 }
 
@@ -63,6 +65,55 @@ absl::Status CheckLayerwiseCastingSupported(const ModelSpec& spec, const ModelOp
     RETURN_IF_ERROR(ValidateSkipPatterns(*options.layerwise_casting_skip_patterns));
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckGroupOffloadingSupported(const ModelSpec& spec, const ModelOptions& options) {
+  if (!options.group_offloading.has_value()) return absl::OkStatus();
+  if (!spec.group_offloading) {
+    return absl::UnimplementedError(absl::StrCat(
+        spec.class_name, " does not support group offloading; load it without group_offload"));
+  }
+  return ValidateGroupOffloadingOptions(*options.group_offloading, options.device);
+}
+
+absl::Status ApplyGroupOffloading(const ModelSpec& spec, DiffusionModel& model) {
+  const ModelOptions& options = model.options();
+  if (!options.group_offloading.has_value()) return absl::OkStatus();
+  RETURN_IF_ERROR(CheckGroupOffloadingSupported(spec, options));
+  ASSIGN_OR_RETURN(std::shared_ptr<GroupOffloader> offloader,
+                   GroupOffloader::Apply(model.module(), spec.structure.repeated_blocks,
+                                         *options.group_offloading, options.device));
+  model.set_group_offloader(std::move(offloader));
+  return absl::OkStatus();
+}
+
+absl::Status CheckDeviceMapSupported(const ModelSpec& spec, const ModelOptions& options) {
+  if (!options.device_map.enabled()) return absl::OkStatus();
+  if (!spec.device_map) {
+    return absl::UnimplementedError(absl::StrCat(
+        spec.class_name, " does not support device maps; load it without device_map"));
+  }
+  if (options.group_offloading.has_value()) {
+    return absl::UnimplementedError(
+        "device_map and group offloading cannot be combined (both decide where the blocks live)");
+  }
+  if (options.device_map.strategy != "sequential" && options.device_map.strategy != "explicit") {
+    return absl::InvalidArgumentError(absl::StrCat("device_map '", options.device_map.strategy,
+                                                   "' is not one of sequential, explicit"));
+  }
+  if (options.device_map.strategy == "sequential") {
+    RETURN_IF_ERROR(ValidateDeviceBudgets(options.device_map.budgets));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ApplyModelDeviceMap(const ModelSpec& spec, DiffusionModel& model) {
+  const ModelOptions& options = model.options();
+  if (!options.device_map.enabled()) return absl::OkStatus();
+  RETURN_IF_ERROR(CheckDeviceMapSupported(spec, options));
+  ASSIGN_OR_RETURN(DeviceMap map, ComputeDeviceMap(model.module(), spec.structure.no_split_modules,
+                                                   options.device_map));
+  return ApplyDeviceMap(model.module(), map);
 }
 
 ModelRegistry& ModelRegistry::Global() {
@@ -152,6 +203,8 @@ absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(const std::s
   }
   ASSIGN_OR_RETURN(const ModelSpec* spec, ModelRegistry::Global().Find(resolved));
   RETURN_IF_ERROR(Annotate(CheckLayerwiseCastingSupported(*spec, options), folder.dir));
+  RETURN_IF_ERROR(Annotate(CheckGroupOffloadingSupported(*spec, options), folder.dir));
+  RETURN_IF_ERROR(Annotate(CheckDeviceMapSupported(*spec, options), folder.dir));
   auto model = spec->factory(folder.config, options);
   if (!model.ok()) return Annotate(model.status(), absl::StrCat(folder.dir, "/config.json"));
   if (spec->adapt_state_dict) {
@@ -159,7 +212,14 @@ absl::StatusOr<std::unique_ptr<DiffusionModel>> LoadModelFromFolder(const std::s
     if (!adapted.ok()) return Annotate(adapted.status(), folder.dir);
     folder.weights = std::move(adapted).value();
   }
+  // 8-bit layerwise casting: quantize the checkpoint's weights into the module's storage form.
+  auto stored = ToStorageForm((*model)->module(), std::move(folder.weights), options.float8_format);
+  if (!stored.ok()) return Annotate(stored.status(), folder.dir);
+  folder.weights = *std::move(stored);
   RETURN_IF_ERROR(LoadStateDict((*model)->module(), folder.weights, folder.dir));
+  folder.weights.clear();  // with group offloading, the loaded copies must not stay alive
+  RETURN_IF_ERROR(Annotate(ApplyGroupOffloading(*spec, **model), folder.dir));
+  RETURN_IF_ERROR(Annotate(ApplyModelDeviceMap(*spec, **model), folder.dir));
   return std::move(model).value();
 }
 

@@ -55,12 +55,43 @@ struct ModelSpec {
   // storage dtype, and its forward upcasts them one layer at a time). False: the loaders refuse a
   // storage dtype with UNIMPLEMENTED (see CheckLayerwiseCastingSupported).
   bool layerwise_casting = false;
+  // Whether the model's forward brackets each of its repeated blocks (structure.repeated_blocks,
+  // in forward order) with a GroupOffloadSession over DiffusionModel::group_offloader()
+  // (handlers/group_offloading.h). True: the loaders honour ModelOptions::group_offloading and the
+  // `_supports_group_offloading` row appears. False: they refuse it with UNIMPLEMENTED.
+  bool group_offloading = false;
+  // Whether the model's forward moves its activations to the device of each part it runs
+  // (handlers/device_map.h), so its modules may be spread over devices. True: the loaders honour
+  // ModelOptions::device_map. False: they refuse it with UNIMPLEMENTED.
+  bool device_map = false;
 };
 
 // OK when `options` has no storage dtype, or `spec` supports layerwise casting and the storage
 // dtype and skip patterns are valid (handlers/layerwise_casting.h); UNIMPLEMENTED naming the class
 // for a model without support; INVALID_ARGUMENT for a bad storage dtype or pattern.
 absl::Status CheckLayerwiseCastingSupported(const ModelSpec& spec, const ModelOptions& options);
+
+// OK when `options` has no group offloading, or `spec` supports it and the options are valid for
+// `options.device` (ValidateGroupOffloadingOptions); UNIMPLEMENTED naming the class for a model
+// without support; otherwise ValidateGroupOffloadingOptions' errors.
+absl::Status CheckGroupOffloadingSupported(const ModelSpec& spec, const ModelOptions& options);
+
+// Applies `model.options().group_offloading` (if set) to a model whose weights are loaded: groups
+// the spec's repeated blocks (GroupOffloader::Apply) and installs the offloader on the model. The
+// loaders call it last. Errors as CheckGroupOffloadingSupported and GroupOffloader::Apply. Needs
+// exclusive access to the model.
+absl::Status ApplyGroupOffloading(const ModelSpec& spec, DiffusionModel& model);
+
+// OK when `options` has no device map, or `spec` supports one (ModelSpec::device_map) and no group
+// offloading is asked for with it; UNIMPLEMENTED naming the class for a model without support;
+// INVALID_ARGUMENT for a device map together with group offloading or with an unknown strategy.
+absl::Status CheckDeviceMapSupported(const ModelSpec& spec, const ModelOptions& options);
+
+// Applies `model.options().device_map` (if set) to a model whose weights are loaded: computes the
+// map over its module with the spec's `_no_split_modules` (ComputeDeviceMap) and moves the
+// tensors (ApplyDeviceMap). The loaders call it once the weights are in. Errors as
+// CheckDeviceMapSupported, ComputeDeviceMap and ApplyDeviceMap. Needs exclusive access.
+absl::Status ApplyModelDeviceMap(const ModelSpec& spec, DiffusionModel& model);
 
 // The metadata table of a spec, derived from its structure and wired handlers (lists sorted).
 ModelMetadata BuildModelMetadata(const ModelSpec& spec);

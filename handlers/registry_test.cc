@@ -125,3 +125,33 @@ TEST(ModelRegistryTest, RejectsCollisionsAndIncompleteSpecs) {
 
 }  // namespace
 }  // namespace ds
+
+namespace ds {
+namespace {
+
+TEST(BuildModelMetadataTest, GroupOffloadingRowFromTheWiring) {
+  ModelSpec spec;
+  spec.name = "m";
+  spec.class_name = "M";
+  EXPECT_FALSE(BuildModelMetadata(spec).contains("_supports_group_offloading"));
+  ModelOptions options;
+  EXPECT_TRUE(CheckGroupOffloadingSupported(spec, options).ok());  // not asked for: fine
+  options.group_offloading = GroupOffloadingOptions{};
+  const absl::Status refused = CheckGroupOffloadingSupported(spec, options);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(std::string(refused.message()).find("M does not support group offloading"),
+            std::string::npos)
+      << refused;
+
+  spec.group_offloading = true;
+  auto row = BuildModelMetadata(spec).Get("_supports_group_offloading");
+  ASSERT_TRUE(row.ok());
+  EXPECT_TRUE(std::get<bool>(*row));
+  EXPECT_TRUE(CheckGroupOffloadingSupported(spec, options).ok());
+  options.group_offloading->blocks_per_group = 0;
+  EXPECT_EQ(CheckGroupOffloadingSupported(spec, options).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ds

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/layerwise_casting.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 #include "handlers/tensor_checks.h"
@@ -278,6 +279,8 @@ absl::StatusOr<LoadedSingleFile> LoadSingleFile(const std::string& path,
   ModelOptions model_options = options.model;
   model_options.uninitialized_parameters = true;
   RETURN_IF_ERROR(Annotate(CheckLayerwiseCastingSupported(*in.spec, model_options), path));
+  RETURN_IF_ERROR(Annotate(CheckGroupOffloadingSupported(*in.spec, model_options), path));
+  RETURN_IF_ERROR(Annotate(CheckDeviceMapSupported(*in.spec, model_options), path));
   auto model = in.spec->factory(in.report.config, model_options);
   if (!model.ok()) return Annotate(model.status(), absl::StrCat(path, ": derived config"));
   ASSIGN_OR_RETURN(TensorMap targets, MapTensors(in));
@@ -294,6 +297,10 @@ absl::StatusOr<LoadedSingleFile> LoadSingleFile(const std::string& path,
 
   // Validate everything against the built model before touching it.
   torch::nn::Module& module = (*model)->module();
+  // 8-bit layerwise casting: quantize the mapped weights into the module's storage form.
+  auto stored = ToStorageForm(module, std::move(targets), model_options.float8_format);
+  if (!stored.ok()) return Annotate(stored.status(), path);
+  targets = *std::move(stored);
   const StateDictReport check = CheckStateDict(module, targets);
   if (!check.ok()) {
     std::vector<std::string> problems;
@@ -339,6 +346,9 @@ absl::StatusOr<LoadedSingleFile> LoadSingleFile(const std::string& path,
       item.value().copy_(src);
     }
   }));
+  targets.clear();  // with group offloading, the mapped sources must not stay alive
+  RETURN_IF_ERROR(Annotate(ApplyGroupOffloading(*in.spec, **model), path));
+  RETURN_IF_ERROR(Annotate(ApplyModelDeviceMap(*in.spec, **model), path));
   in.report.tensors_zero_copy = zero_copy;
   in.report.bytes = bytes;
   in.report.seconds = Since(t0);

@@ -12,7 +12,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "handlers/demo_pipeline.h"
+#include "handlers/device_map.h"
 #include "handlers/digest.h"
+#include "handlers/group_offloading.h"
 #include "handlers/layerwise_casting.h"
 #include "handlers/pipeline.h"
 #include "handlers/single_file.h"
@@ -71,7 +73,10 @@ absl::StatusOr<ModelInstance> MakeInstance(const std::string& name,
   instance.spec = spec;
   instance.dtype = DtypeName(model->options().dtype);
   instance.device = model->options().device.str();
-  instance.storage_dtype = StorageDtypeName(model->options().storage_dtype);
+  instance.storage_dtype = StorageDtypeName(model->options());
+  if (model->options().device_map.enabled()) {
+    instance.device_map = DevicePlacementSummary(model->module());
+  }
   for (const auto& [key, t] : NamedTensors(model->module())) {
     instance.parameter_bytes += static_cast<int64_t>(t.numel() * t.element_size());
   }
@@ -94,7 +99,7 @@ absl::StatusOr<ModelInstance> MakePipelineInstance(
   instance.host = std::shared_ptr<LoraHost>(pipeline, &host);
   instance.dtype = DtypeName(model.options().dtype);
   instance.device = model.options().device.str();
-  instance.storage_dtype = StorageDtypeName(model.options().storage_dtype);
+  instance.storage_dtype = StorageDtypeName(model.options());
   instance.variant = pipeline->describe().variant;
   for (const auto& [key, t] : NamedTensors(model.module())) {
     instance.parameter_bytes += static_cast<int64_t>(t.numel() * t.element_size());
@@ -290,12 +295,12 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
   RETURN_IF_ERROR(ValidateInstanceName(request.name));
   ASSIGN_OR_RETURN(torch::Dtype dtype, ParseModelDtype(request.dtype));
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(request.device));
-  auto parsed_storage = ParseStorageDtype(request.storage_dtype);
-  if (!parsed_storage.ok()) return Annotate(parsed_storage.status(), "storage_dtype");
-  const std::optional<torch::Dtype> storage_dtype = *parsed_storage;
   ModelOptions cast_options;
   cast_options.dtype = dtype;
-  cast_options.storage_dtype = storage_dtype;
+  RETURN_IF_ERROR(Annotate(SetStorageDtype(request.storage_dtype, cast_options), "storage_dtype"));
+  const std::optional<torch::Dtype> storage_dtype = cast_options.storage_dtype;
+  ASSIGN_OR_RETURN(cast_options.device_map,
+                   ParseDeviceMapRequest(request.device_map, request.max_memory_bytes));
   if (storage_dtype.has_value() && !request.layerwise_casting_skip_patterns.empty()) {
     cast_options.layerwise_casting_skip_patterns = request.layerwise_casting_skip_patterns;
   }
@@ -316,10 +321,25 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
     return absl::InvalidArgumentError(
         "a config override applies to single files only (a model folder has its config.json)");
   }
+  if (cast_options.device_map.enabled() && is_dir && IsPipelineFolder(request.path)) {
+    return absl::UnimplementedError(
+        "device_map: device maps apply to model folders and single files; pipeline folders do "
+        "not take them yet");
+  }
   if (storage_dtype.has_value() && is_dir && IsPipelineFolder(request.path)) {
     return absl::UnimplementedError(
         "storage_dtype: layerwise casting applies to model folders and single files; pipeline "
         "folders do not take it yet");
+  }
+  if (request.group_offloading.has_value()) {
+    RETURN_IF_ERROR(Annotate(ValidateGroupOffloadingOptions(*request.group_offloading, device),
+                             "group_offload"));
+    if (is_dir && IsPipelineFolder(request.path)) {
+      return absl::UnimplementedError(
+          "group_offload: group offloading applies to model folders and single files; pipeline "
+          "folders do not take it yet");
+    }
+    cast_options.group_offloading = request.group_offloading;
   }
   RETURN_IF_ERROR(BeginLoad(request.name, request.replace, absl::StrCat("loading ", request.path)));
   auto build = [&]() -> absl::StatusOr<ModelInstance> {

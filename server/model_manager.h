@@ -55,6 +55,8 @@ struct ModelInstance {
   std::string device;               // "cpu", "cuda:0"
   // Layerwise casting: the storage dtype of its cast weights ("bfloat16", "float16"), "" = none.
   std::string storage_dtype;
+  // With a device map: where its weights are (ds::DevicePlacementSummary); "" without.
+  std::string device_map;
   int64_t parameter_bytes = 0;      // bytes its parameters and buffers really hold
 
   const DiffusionModel& model() const { return host->model(); }
@@ -87,6 +89,13 @@ struct LoadModelRequest {
   std::string storage_dtype;
   // With storage_dtype: replacement skip patterns; empty = the defaults plus the model's.
   std::vector<std::string> layerwise_casting_skip_patterns;
+  // Device map (ds::ParseDeviceMapRequest): "", "sequential" with max_memory_bytes, or an explicit
+  // JSON object. Model folders and single files only.
+  std::string device_map;
+  std::map<std::string, int64_t> max_memory_bytes;
+  // Group offloading (handlers/group_offloading.h); unset = none. Model folders and single files
+  // only (UNIMPLEMENTED for a pipeline folder or a model class without support).
+  std::optional<GroupOffloadingOptions> group_offloading;
 };
 
 struct LoadModelResult {

@@ -21,6 +21,7 @@
 #include "absl/strings/str_replace.h"
 #include "handlers/block_cache.h"
 #include "handlers/flow_match.h"
+#include "handlers/group_offloading.h"
 #include "handlers/image_processing.h"
 #include "handlers/model_metadata.h"
 #include "handlers/pipeline.h"
@@ -427,6 +428,19 @@ void DiffusionService::FillInstance(const InstanceStatus& status, pb::ModelInsta
   out->set_dtype(inst->dtype);
   out->set_device(inst->device);
   out->set_storage_dtype(inst->storage_dtype);
+  if (const GroupOffloader* offloader = inst->model().group_offloader(); offloader != nullptr) {
+    const GroupOffloadingStats stats = offloader->stats();
+    pb::GroupOffloadStatus* g = out->mutable_group_offload();
+    g->mutable_config()->set_blocks_per_group(
+        static_cast<int32_t>(offloader->options().blocks_per_group));
+    g->mutable_config()->set_prefetch(offloader->options().prefetch);
+    g->mutable_config()->set_offload_to(GroupOffloadTargetName(offloader->options().target));
+    g->set_groups(stats.groups);
+    g->set_offloaded_bytes(stats.offloaded_bytes);
+    g->set_resident_bytes(stats.resident_bytes);
+    g->set_onloads(stats.onloads);
+  }
+  out->set_device_map(inst->device_map);
   out->set_parameter_bytes(inst->parameter_bytes);
   out->set_adapter_bytes(inst->host->memory_used_bytes());
   for (const AdapterInfo& a : inst->host->List()) FillLoRAInfo(a, out->add_adapters());
@@ -627,6 +641,18 @@ absl::Status DiffusionService::DoLoadSingleFile(const pb::LoadSingleFileRequest&
   load.storage_dtype = request.storage_dtype();
   load.layerwise_casting_skip_patterns.assign(request.layerwise_casting_skip_patterns().begin(),
                                               request.layerwise_casting_skip_patterns().end());
+  if (request.has_group_offload()) {
+    GroupOffloadingOptions offloading;
+    offloading.blocks_per_group = request.group_offload().blocks_per_group();
+    offloading.prefetch = request.group_offload().prefetch();
+    auto target = ParseGroupOffloadTarget(request.group_offload().offload_to());
+    if (!target.ok()) return Annotate(target.status(), "group_offload");
+    offloading.target = *target;
+    load.group_offloading = offloading;
+  }
+  load.device_map = request.device_map();
+  load.max_memory_bytes.insert(request.max_memory_bytes().begin(),
+                               request.max_memory_bytes().end());
   if (!request.config_json().empty()) {
     load.config_override = nlohmann::json::parse(request.config_json(), nullptr,
                                                  /*allow_exceptions=*/false);
@@ -1263,9 +1289,43 @@ absl::Status DiffusionService::PreparePipelineGenerate(const pb::GenerateRequest
   }
   // Step caching: checked here so that a bad config never queues.
   if (request.has_cache()) {
+    const pb::CacheConfig& in = request.cache();
     BlockCacheConfig cache;
-    cache.type = request.cache().type();
-    if (request.cache().has_threshold()) cache.threshold = request.cache().threshold();
+    cache.type = in.type();
+    // A field of the other cache type is a mistake, not something to ignore silently.
+    const bool taylor = cache.type == kTaylorSeerCacheType;
+    struct Field {
+      const char* name;
+      bool set;
+      bool taylor;
+    };
+    const Field fields[] = {{"threshold", in.has_threshold(), false},
+                            {"cache_interval", in.has_cache_interval(), true},
+                            {"disable_cache_before_step", in.has_disable_cache_before_step(), true},
+                            {"disable_cache_after_step", in.has_disable_cache_after_step(), true},
+                            {"max_order", in.has_max_order(), true},
+                            {"taylor_factors_dtype", in.has_taylor_factors_dtype(), true},
+                            {"use_lite_mode", in.has_use_lite_mode(), true}};
+    if (taylor || cache.type == kFirstBlockCacheType) {
+      for (const Field& f : fields) {
+        if (f.set && f.taylor != taylor) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "cache.", f.name, ": only for cache.type '",
+              f.taylor ? kTaylorSeerCacheType : kFirstBlockCacheType, "', not '", cache.type, "'"));
+        }
+      }
+    }
+    if (in.has_threshold()) cache.threshold = in.threshold();
+    if (in.has_cache_interval()) cache.cache_interval = in.cache_interval();
+    if (in.has_disable_cache_before_step()) {
+      cache.disable_cache_before_step = in.disable_cache_before_step();
+    }
+    if (in.has_disable_cache_after_step()) {
+      cache.disable_cache_after_step = in.disable_cache_after_step();
+    }
+    if (in.has_max_order()) cache.max_order = in.max_order();
+    if (in.has_taylor_factors_dtype()) cache.taylor_factors_dtype = in.taylor_factors_dtype();
+    if (in.has_use_lite_mode()) cache.use_lite_mode = in.use_lite_mode();
     RETURN_IF_ERROR(ValidateBlockCacheConfig(cache, limits.cache_types));
     r.cache = cache;
   }

@@ -33,6 +33,7 @@
 #include "diffusion/v1/diffusion.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "handlers/block_cache.h"
 #include "handlers/flow_match.h"
 #include "handlers/image.h"
 #include "handlers/lora_host.h"
@@ -1579,6 +1580,102 @@ TEST_F(ServerTest, EmbeddedFluxTinyFirstBlockCache) {
   EXPECT_THAT(refused.status.error_message(), HasSubstr("cache"));
 }
 
+// TaylorSeer over gRPC on the embedded flux-tiny: listed in the limits, cache_interval 1 gives the
+// uncached PNG bytes, the defaults skip on diffusers' schedule (reported), lite mode too, and bad
+// or mismatched fields are INVALID_ARGUMENT naming `cache.<field>`.
+TEST_F(ServerTest, EmbeddedFluxTinyTaylorSeerCache) {
+  StartServer({"--embedded_models=default,flux-tiny", "--embedded_dir=" + tmp_.File("embedded")});
+  pb::GetMetadataRequest md_req;
+  md_req.set_name("flux-tiny");
+  pb::GetMetadataResponse md;
+  ASSERT_TRUE(stub_->GetMetadata(Context().get(), md_req, &md).ok());
+  EXPECT_THAT(md.limits().cache_types(), Contains("taylorseer_cache"));
+  const int64_t multiple = md.limits().image_size_multiple();
+  ASSERT_GT(multiple, 0);
+  constexpr int64_t kSteps = 8;
+  torch::manual_seed(9);
+  pb::GenerateRequest base;
+  base.set_model("flux-tiny");
+  *base.mutable_prompt_embeds() = ToProto(torch::randn({4, md.limits().prompt_embeds_dim()}));
+  *base.mutable_pooled_prompt_embeds() =
+      ToProto(torch::randn({md.limits().pooled_prompt_embeds_dim()}));
+  base.set_width(2 * multiple);
+  base.set_height(2 * multiple);
+  base.set_steps(kSteps);
+  base.set_seed(6);
+  auto taylor = [&](const std::function<void(pb::CacheConfig*)>& set) {
+    pb::GenerateRequest r = base;
+    r.mutable_cache()->set_type("taylorseer_cache");
+    set(r.mutable_cache());
+    return r;
+  };
+
+  const Outcome plain = Generate(*stub_, base);
+  ASSERT_TRUE(plain.status.ok()) << plain.status.error_message();
+  ASSERT_EQ(plain.result->images_size(), 1);
+
+  const Outcome every =
+      Generate(*stub_, taylor([](pb::CacheConfig* c) { c->set_cache_interval(1); }));
+  ASSERT_TRUE(every.status.ok()) << every.status.error_message();
+  EXPECT_EQ(every.result->images(0), plain.result->images(0));
+  EXPECT_EQ(every.result->cache_skipped_steps(), 0);
+  EXPECT_EQ(every.result->cache_computed_steps(), kSteps);
+
+  // Defaults: the schedule's computed steps (BlockCacheConfig's defaults are diffusers').
+  BlockCacheConfig defaults;
+  defaults.type = kTaylorSeerCacheType;
+  int64_t scheduled = 0;
+  for (int64_t step = 0; step < kSteps; ++step) {
+    scheduled += TaylorSeerShouldCompute(defaults, step) ? 1 : 0;
+  }
+  ASSERT_LT(scheduled, kSteps);
+  for (bool lite : {false, true}) {
+    const Outcome cached = Generate(*stub_, taylor([&](pb::CacheConfig* c) {
+      if (lite) c->set_use_lite_mode(true);
+    }));
+    ASSERT_TRUE(cached.status.ok()) << cached.status.error_message();
+    ASSERT_EQ(cached.result->images_size(), 1);
+    EXPECT_TRUE(DecodePng(cached.result->images(0)).ok());
+    EXPECT_EQ(cached.result->cache_computed_steps(), scheduled) << lite;
+    EXPECT_EQ(cached.result->cache_skipped_steps(), kSteps - scheduled) << lite;
+    EXPECT_NE(cached.result->images(0), plain.result->images(0)) << lite;
+    EXPECT_EQ(cached.progress.size(), static_cast<size_t>(kSteps));
+  }
+  // Every field set explicitly, cool-down included.
+  const Outcome custom = Generate(*stub_, taylor([](pb::CacheConfig* c) {
+    c->set_cache_interval(2);
+    c->set_disable_cache_before_step(1);
+    c->set_disable_cache_after_step(6);
+    c->set_max_order(2);
+    c->set_taylor_factors_dtype("float32");
+  }));
+  ASSERT_TRUE(custom.status.ok()) << custom.status.error_message();
+  EXPECT_GT(custom.result->cache_skipped_steps(), 0);
+  EXPECT_EQ(custom.result->cache_skipped_steps() + custom.result->cache_computed_steps(), kSteps);
+
+  const std::vector<std::pair<std::string, std::function<void(pb::CacheConfig*)>>> bad = {
+      {"cache.cache_interval", [](pb::CacheConfig* c) { c->set_cache_interval(0); }},
+      {"cache.disable_cache_before_step",
+       [](pb::CacheConfig* c) { c->set_disable_cache_before_step(-1); }},
+      {"cache.disable_cache_after_step",
+       [](pb::CacheConfig* c) { c->set_disable_cache_after_step(-2); }},
+      {"cache.max_order", [](pb::CacheConfig* c) { c->set_max_order(99); }},
+      {"cache.taylor_factors_dtype",
+       [](pb::CacheConfig* c) { c->set_taylor_factors_dtype("fp4"); }},
+      {"cache.threshold", [](pb::CacheConfig* c) { c->set_threshold(0.1); }},
+      {"cache.max_order",
+       [](pb::CacheConfig* c) {
+         c->set_type("first_block_cache");
+         c->set_max_order(2);
+       }},
+  };
+  for (const auto& [field, set] : bad) {
+    const Outcome refused = Generate(*stub_, taylor(set));
+    EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+    EXPECT_THAT(refused.status.error_message(), HasSubstr(field));
+  }
+}
+
 
 TEST_F(ServerTest, LoadSingleFileWithBFloat16StorageGenerates) {
   StartServer();
@@ -1627,12 +1724,66 @@ TEST_F(ServerTest, LoadSingleFileWithBFloat16StorageGenerates) {
 
   // Precise refusals naming the field.
   pb::LoadSingleFileResponse refused;
-  s = load("bad1", "float32", "float8_e4m3fn", &refused);
+  s = load("bad1", "float32", "float4", &refused);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("storage_dtype"));
   s = load("bad2", "bfloat16", "bfloat16", &refused);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("not lower than the compute dtype"));
+}
+
+
+TEST_F(ServerTest, LoadSingleFileWithGroupOffloadGenerates) {
+  StartServer();
+  fs::copy_file(fs::path(GoldenDir()) / "single_file" / "flux-dev" / "original.safetensors",
+                fs::path(models_) / "flux-dev.safetensors");
+  auto load = [&](const std::string& name, std::optional<pb::GroupOffloadConfig> offload,
+                  pb::LoadSingleFileResponse* out) {
+    pb::LoadSingleFileRequest r;
+    r.set_name(name);
+    r.set_path("flux-dev.safetensors");
+    if (offload.has_value()) *r.mutable_group_offload() = *offload;
+    return stub_->LoadSingleFile(Context(60, true).get(), r, out);
+  };
+  pb::GroupOffloadConfig config;
+  config.set_blocks_per_group(1);
+  config.set_prefetch(true);
+  pb::LoadSingleFileResponse plain, offloaded;
+  grpc::Status s = load("plain", std::nullopt, &plain);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  s = load("offloaded", config, &offloaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_FALSE(plain.instance().has_group_offload());
+  ASSERT_TRUE(offloaded.instance().has_group_offload());
+  const pb::GroupOffloadStatus& g = offloaded.instance().group_offload();
+  EXPECT_EQ(g.config().blocks_per_group(), 1);
+  EXPECT_TRUE(g.config().prefetch());
+  EXPECT_EQ(g.config().offload_to(), "disk");
+  EXPECT_GT(g.groups(), 0);
+  EXPECT_GT(g.offloaded_bytes(), 0);
+  EXPECT_LT(g.offloaded_bytes(), plain.instance().parameter_bytes());
+  EXPECT_EQ(g.resident_bytes(), 0);
+
+  // The offloaded instance serves exactly what the resident one serves.
+  const TensorMap inputs = FluxInputs(32, 32, 17);
+  const Outcome o = Generate(*stub_, MakeRequest("offloaded", inputs, 4, 2));
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  const Outcome p = Generate(*stub_, MakeRequest("plain", inputs, 4, 2));
+  ASSERT_TRUE(p.status.ok()) << p.status.error_message();
+  ASSERT_TRUE(o.latents.defined() && p.latents.defined());
+  EXPECT_TRUE(torch::equal(o.latents, p.latents));
+
+  // Precise refusals naming the field.
+  pb::LoadSingleFileResponse refused;
+  config.set_blocks_per_group(0);
+  s = load("bad1", config, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("group_offload: blocks_per_group"));
+  config.set_blocks_per_group(1);
+  config.set_offload_to("ssd");
+  s = load("bad2", config, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("offload_to"));
 }
 
 }  // namespace

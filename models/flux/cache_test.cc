@@ -288,7 +288,8 @@ class FluxPipelineCacheTest : public ::testing::Test {
 };
 
 TEST_F(FluxPipelineCacheTest, LimitsListFirstBlockCache) {
-  EXPECT_EQ(pipeline_->limits().cache_types, std::vector<std::string>{kFirstBlockCacheType});
+  EXPECT_EQ(pipeline_->limits().cache_types,
+            (std::vector<std::string>{kFirstBlockCacheType, kTaylorSeerCacheType}));
 }
 
 TEST_F(FluxPipelineCacheTest, ThresholdZeroIsTheUncachedPipelineBitForBit) {
@@ -379,7 +380,8 @@ TEST_F(FluxPipelineCacheTest, BadConfigsGetPreciseErrors) {
 TEST(FluxCacheMetadataTest, SupportsCacheRowFromTheWiring) {
   const ModelSpec spec = MakeFluxSpec();
   ASSERT_NE(spec.cache, nullptr);
-  EXPECT_EQ(spec.cache->CacheTypes(), std::vector<std::string>{kFirstBlockCacheType});
+  EXPECT_EQ(spec.cache->CacheTypes(),
+            (std::vector<std::string>{kFirstBlockCacheType, kTaylorSeerCacheType}));
   EXPECT_EQ(spec.cache->BlockStreams().front(), "hidden_states");
   const ModelMetadata meta = BuildModelMetadata(spec);
   EXPECT_TRUE(meta.contains("_supports_cache"));

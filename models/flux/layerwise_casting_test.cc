@@ -348,5 +348,204 @@ TEST(FluxLayerwiseCastingLoraTest, UnfusedAndFused) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 8-bit float storage (uint8 codes + float32 row scales, handlers/layerwise_casting.h).
+
+// Max |cast - float32| relative to max |float32| allowed for 8-bit storage of the default
+// selection: E4M3 keeps 4 significant bits (relative rounding error <= 2^-4 per weight), E5M2
+// 3 bits (2^-3). The golden cases come out at 0.015..0.025 (E4M3) and 0.020..0.052 (E5M2) of
+// max |output| (printed below); the bounds are ~4x the largest observed.
+constexpr double kE4M3StorageTolerance = 0.1;
+constexpr double kE5M2StorageTolerance = 0.2;
+
+ModelOptions Float8Storage(Float8Format format) {
+  ModelOptions o;
+  o.storage_dtype = torch::kByte;
+  o.float8_format = format;
+  return o;
+}
+
+// Replaces, in a float32 model, each weight that `cast` stores as 8-bit codes by its decoded
+// value (codes x row scale), and returns how many.
+int DequantizeInto(DiffusionModel& fp32, const DiffusionModel& cast) {
+  torch::NoGradGuard no_grad;
+  const TensorMap c = NamedTensors(cast.module());
+  TensorMap params = NamedTensors(fp32.module());
+  int n = 0;
+  for (const auto& [param, scale] : Float8StoredParameters(cast.module())) {
+    params.at(param).copy_(
+        DequantizeFloat8(c.at(param), c.at(scale), cast.options().float8_format));
+    ++n;
+  }
+  return n;
+}
+
+class FluxFloat8StorageTest : public ::testing::TestWithParam<Float8Format> {};
+
+// Every golden forward case: the 8-bit model == the float32 model with decoded weights, bit for
+// bit; the error against the float32 model is printed and bounded.
+TEST_P(FluxFloat8StorageTest, EqualsDecodedFloat32ModelOnEveryGoldenCase) {
+  const Float8Format format = GetParam();
+  int cases = 0;
+  for (const auto& entry : fs::directory_iterator(fs::path(GoldenDir()) / "flux")) {
+    const fs::path dir = entry.path();
+    if (!fs::exists(dir / "io.safetensors") || !fs::exists(dir / "transformer")) continue;
+    ++cases;
+    SCOPED_TRACE(dir.string());
+    auto cast = LoadFolder(dir / "transformer", Float8Storage(format));
+    auto fp32 = LoadFolder(dir / "transformer", ModelOptions{});
+    auto decoded = LoadFolder(dir / "transformer", ModelOptions{});
+    ASSERT_TRUE(cast && fp32 && decoded);
+    EXPECT_EQ(StorageDtypeName(cast->options()), Float8FormatName(format));
+    ASSERT_GT(DequantizeInto(*decoded, *cast), 0);
+    // Only weights are codes; the selected linears' biases stay float32.
+    const TensorMap t = NamedTensors(cast->module());
+    EXPECT_EQ(t.at("transformer_blocks.0.attn.to_q.weight").scalar_type(), torch::kByte);
+    EXPECT_EQ(t.at("transformer_blocks.0.attn.to_q.bias").scalar_type(), torch::kFloat);
+    EXPECT_EQ(t.at("transformer_blocks.0.attn.to_q.weight_scale").scalar_type(), torch::kFloat);
+    EXPECT_EQ(t.at("transformer_blocks.0.norm1.linear.weight").scalar_type(), torch::kFloat);
+
+    const TensorMap in = Inputs(dir / "io.safetensors");
+    const torch::Tensor out_cast = Forward(*cast, in);
+    const torch::Tensor out_decoded = Forward(*decoded, in);
+    const torch::Tensor out_fp32 = Forward(*fp32, in);
+    ASSERT_EQ(out_cast.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::equal(out_cast, out_decoded))
+        << "max |cast - decoded| = " << (out_cast - out_decoded).abs().max().item<double>();
+    const double err = MaxRelative(out_cast, out_fp32);
+    const double abs_err = (out_cast - out_fp32).abs().max().item<double>();
+    const double tol =
+        format == Float8Format::kE4M3FN ? kE4M3StorageTolerance : kE5M2StorageTolerance;
+    std::printf("[layerwise casting] %s storage, %s: max|cast - fp32| = %.3g, / max|fp32| = %.3g "
+                "(tolerance %.3g); resident bytes %.3f of fp32\n",
+                Float8FormatName(format), dir.filename().c_str(), abs_err, err, tol,
+                static_cast<double>(ParameterBytes(cast->module())) /
+                    static_cast<double>(ParameterBytes(fp32->module())));
+    EXPECT_LE(err, tol);
+    EXPECT_GT(err, 0.0);
+  }
+  EXPECT_GT(cases, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, FluxFloat8StorageTest,
+                         ::testing::Values(Float8Format::kE4M3FN, Float8Format::kE5M2),
+                         [](const auto& info) { return std::string(Float8FormatName(info.param)); });
+
+// Resident bytes with every linear but pos_embed/proj_out cast to 8 bits, FLUX.1-dev proportions:
+// 1 byte per weight plus 4 per row scale, against 4 per weight.
+TEST(FluxFloat8StorageMemoryTest, ResidentBytesRatio) {
+  nlohmann::json config = {{"patch_size", 1},          {"in_channels", 64},
+                           {"num_layers", 19},         {"num_single_layers", 38},
+                           {"attention_head_dim", 128}, {"num_attention_heads", 2},
+                           {"joint_attention_dim", 4096}, {"pooled_projection_dim", 768},
+                           {"guidance_embeds", true},  {"axes_dims_rope", {16, 56, 56}}};
+  ModelOptions base;
+  base.uninitialized_parameters = true;
+  auto fp32 = FluxTransformer::Create(config, base);
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  ModelOptions all = Float8Storage(Float8Format::kE4M3FN);
+  all.uninitialized_parameters = true;
+  all.layerwise_casting_skip_patterns =
+      std::vector<std::string>{"pos_embed", "patch_embed", "^proj_in$", "^proj_out$"};
+  auto cast = FluxTransformer::Create(config, all);
+  ASSERT_TRUE(cast.ok()) << cast.status();
+  int64_t expected = 0;
+  for (const auto& [k, v] : NamedTensors((*cast)->module())) {
+    expected += v.numel() * (v.scalar_type() == torch::kByte ? 1 : 4);
+  }
+  EXPECT_EQ(ParameterBytes((*cast)->module()), expected);
+  const double ratio = static_cast<double>(ParameterBytes((*cast)->module())) /
+                       static_cast<double>(ParameterBytes((*fp32)->module()));
+  std::printf("[layerwise casting] FLUX.1-dev proportions, float8_e4m3fn storage of all linears: "
+              "resident/fp32 = %.3f\n", ratio);
+  EXPECT_GE(ratio, 0.25);
+  EXPECT_LE(ratio, 0.30);
+}
+
+// The single-file loader quantizes while mapping (codes become the parameters, scales the
+// buffers).
+TEST(FluxFloat8StorageLoadersTest, SingleFile) {
+  const fs::path dir = fs::path(GoldenDir()) / "single_file" / "flux-dev";
+  SingleFileOptions cast_options;
+  cast_options.model = Float8Storage(Float8Format::kE4M3FN);
+  auto cast = LoadSingleFile((dir / "original.safetensors").string(), cast_options);
+  ASSERT_TRUE(cast.ok()) << cast.status();
+  auto decoded = LoadSingleFile((dir / "original.safetensors").string());
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  ASSERT_GT(DequantizeInto(*decoded->model, *cast->model), 0);
+  auto io = LoadSafetensorsWeights((dir / "io.safetensors").string());
+  ASSERT_TRUE(io.ok()) << io.status();
+  TensorMap in;
+  for (const auto& [k, v] : *io) {
+    if (k != "output") in.emplace(k, v);
+  }
+  const torch::Tensor a = Forward(*cast->model, in), b = Forward(*decoded->model, in);
+  EXPECT_TRUE(torch::equal(a, b));
+  EXPECT_LE(MaxRelative(a, io->at("output")), kE4M3StorageTolerance);
+}
+
+// LoRA on 8-bit weights. Unfused: adapters in float32 on top of the decoded weights, equal to the
+// decoded float32 model's. Fused: decode, add the delta in float32, re-encode with fresh row
+// scales (exactly QuantizeFloat8 of the float32 fused weight); Unfuse restores codes and scales.
+TEST(FluxFloat8StorageLoraTest, UnfusedAndFused) {
+  const fs::path golden = fs::path(GoldenDir()) / "lora";
+  const fs::path base = golden / "base_model_dir" / "transformer";
+  const std::string lora = (golden / "diffusers" / "input.safetensors").string();
+  auto spec = ModelRegistry::Global().Find("FluxTransformer2DModel");
+  ASSERT_TRUE(spec.ok());
+  std::shared_ptr<DiffusionModel> cast_model =
+      LoadFolder(base, Float8Storage(Float8Format::kE4M3FN));
+  std::shared_ptr<DiffusionModel> decoded_model = LoadFolder(base, ModelOptions{});
+  ASSERT_TRUE(cast_model && decoded_model);
+  ASSERT_GT(DequantizeInto(*decoded_model, *cast_model), 0);
+  LoraHost cast(cast_model, (*spec)->lora);
+  LoraHost decoded(decoded_model, (*spec)->lora);
+  ASSERT_TRUE(cast.Load("a", lora).ok());
+  ASSERT_TRUE(decoded.Load("a", lora).ok());
+  const TensorMap in = Inputs(golden / "diffusers" / "forward.safetensors");
+  auto cast_stack = cast.Snapshot({{"a", 1.0}});
+  auto decoded_stack = decoded.Snapshot({{"a", 1.0}});
+  ASSERT_TRUE(cast_stack.ok() && decoded_stack.ok());
+  auto unfused = cast.Forward(in, cast_stack->get());
+  auto unfused_ref = decoded.Forward(in, decoded_stack->get());
+  ASSERT_TRUE(unfused.ok() && unfused_ref.ok()) << unfused.status() << unfused_ref.status();
+  EXPECT_TRUE(torch::equal(*unfused, *unfused_ref));
+
+  std::map<std::string, torch::Tensor> stored;
+  for (const auto& [k, v] : NamedTensors(cast_model->module())) stored[k] = v.clone();
+  ASSERT_TRUE(cast.Fuse({{"a", 1.0}}).ok());
+  ASSERT_TRUE(decoded.Fuse({{"a", 1.0}}).ok());
+  const TensorMap fused_cast = NamedTensors(cast_model->module());
+  const TensorMap fused_float = NamedTensors(decoded_model->module());
+  int requantized = 0;
+  for (const auto& [param, scale] : Float8StoredParameters(cast_model->module())) {
+    ASSERT_EQ(fused_cast.at(param).scalar_type(), torch::kByte) << param;
+    auto q = QuantizeFloat8(fused_float.at(param), Float8Format::kE4M3FN, param);
+    ASSERT_TRUE(q.ok());
+    EXPECT_TRUE(torch::equal(fused_cast.at(param), q->codes)) << param;
+    EXPECT_TRUE(torch::equal(fused_cast.at(scale), q->scale)) << param;
+    requantized += !torch::equal(fused_cast.at(param), stored.at(param));
+  }
+  EXPECT_GT(requantized, 0) << "the adapter must change some stored weights";
+  auto fused = cast.Forward(in);
+  ASSERT_TRUE(fused.ok());
+  std::printf("[layerwise casting] LoRA fused vs unfused on float8_e4m3fn storage: max rel diff "
+              "%.3g\n", MaxRelative(*fused, *unfused));
+  EXPECT_LE(MaxRelative(*fused, *unfused), kE4M3StorageTolerance);
+
+  ASSERT_TRUE(cast.Unfuse().ok());
+  for (const auto& [k, v] : NamedTensors(cast_model->module())) {
+    EXPECT_TRUE(v.scalar_type() == stored.at(k).scalar_type() && torch::equal(v, stored.at(k)))
+        << k;
+  }
+  auto plain = cast.Forward(in);
+  auto plain_ref = decoded.Forward(in);
+  ASSERT_TRUE(plain.ok() && plain_ref.ok());
+  ASSERT_TRUE(decoded.Unfuse().ok());
+  auto plain_ref2 = decoded.Forward(in);
+  ASSERT_TRUE(plain_ref2.ok());
+  EXPECT_TRUE(torch::equal(*plain, *plain_ref2));
+}
+
 }  // namespace
 }  // namespace ds::flux

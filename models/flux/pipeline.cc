@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <tuple>
 #include <string>
@@ -946,20 +947,21 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
                                                       /*negative=*/true, &result));
     }
   }
-  // Step caching: one FirstBlockCache state per guidance branch (diffusers' cache_context("cond")
-  // and ("uncond")), living only as long as this request.
-  std::optional<FirstBlockCacheState> cache_cond, cache_uncond;
+  // Step caching: one state per guidance branch (diffusers' cache_context("cond") and
+  // ("uncond")), living only as long as this request.
+  std::unique_ptr<BlockCacheState> cache_cond, cache_uncond;
   if (request.cache.has_value()) {
-    cache_cond.emplace(request.cache->threshold);
-    if (do_true_cfg) cache_uncond.emplace(request.cache->threshold);
+    ASSIGN_OR_RETURN(cache_cond, CreateBlockCacheState(*request.cache));
+    if (do_true_cfg) {
+      ASSIGN_OR_RETURN(cache_uncond, CreateBlockCacheState(*request.cache));
+    }
   }
   // One transformer forward under the request's LoRA snapshot, with IP-Adapter conditioning when
   // any adapter has a non-zero scale and the branch's cache state when caching (otherwise exactly
   // the plain forward).
   auto transformer_forward = [&](const TensorMap& in, const FluxIPAdapterConditioning& cond,
-                                 std::optional<FirstBlockCacheState>& cache)
-      -> absl::StatusOr<torch::Tensor> {
-    if (!cond.active() && !cache.has_value()) return host.Forward(in, request.adapters.get());
+                                 BlockCacheState* cache) -> absl::StatusOr<torch::Tensor> {
+    if (!cond.active() && cache == nullptr) return host.Forward(in, request.adapters.get());
     return host.ForwardWith(
         request.adapters.get(),
         [&](const DiffusionModel& model, const LoraContext* lora) -> absl::StatusOr<torch::Tensor> {
@@ -970,7 +972,7 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
           }
           FluxTransformer::ForwardExtras extras;
           if (cond.active()) extras.ip_adapter = &cond;
-          if (cache.has_value()) extras.cache = &*cache;
+          extras.cache = cache;
           return flux->ForwardWithExtras(in, lora, extras);
         });
   };
@@ -1069,12 +1071,16 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
                      }));
     inputs["hidden_states"] = x;
     inputs["timestep"] = timestep;
-    ASSIGN_OR_RETURN(torch::Tensor v, transformer_forward(inputs, ip, cache_cond));
+    // The step index TaylorSeer's schedule counts (each branch's state sees every step once).
+    for (BlockCacheState* cache : {cache_cond.get(), cache_uncond.get()}) {
+      if (cache != nullptr) cache->SetStep(i);
+    }
+    ASSIGN_OR_RETURN(torch::Tensor v, transformer_forward(inputs, ip, cache_cond.get()));
     if (do_true_cfg) {
       negative_inputs["hidden_states"] = x;
       negative_inputs["timestep"] = timestep;
       ASSIGN_OR_RETURN(torch::Tensor v_neg,
-                       transformer_forward(negative_inputs, negative_ip, cache_uncond));
+                       transformer_forward(negative_inputs, negative_ip, cache_uncond.get()));
       ASSIGN_OR_RETURN(
           v, TorchCall("true CFG", [&] { return v_neg + request.true_cfg_scale * (v - v_neg); }));
     }
@@ -1097,10 +1103,10 @@ absl::StatusOr<FluxPipelineResult> FluxPipeline::Generate(
   result.guidance_scale = request.guidance_scale;
   result.guidance_applied = cfg.guidance_embeds;
   result.true_cfg_applied = do_true_cfg;
-  for (const auto* cache : {&cache_cond, &cache_uncond}) {
-    if (!cache->has_value()) continue;
-    result.cache_computed_steps += (*cache)->computed();
-    result.cache_skipped_steps += (*cache)->skipped();
+  for (const BlockCacheState* cache : {cache_cond.get(), cache_uncond.get()}) {
+    if (cache == nullptr) continue;
+    result.cache_computed_steps += cache->computed();
+    result.cache_skipped_steps += cache->skipped();
   }
   if (!request.decode) return result;
 

@@ -217,8 +217,9 @@ class FluxPipeline : public DiffusionPipeline {
   // the wrong shape (naming the expected one), png without decode; FAILED_PRECONDITION for decode
   // without a VAE; ABORTED for a stale adapter snapshot; INTERNAL if LibTorch fails. A `cache`
   // config is checked by ValidateBlockCacheConfig (INVALID_ARGUMENT naming cache.type /
-  // cache.threshold; UNIMPLEMENTED for a type the transformer does not implement); FirstBlockCache
-  // then runs with one state for the conditional and one for the true-CFG negative pass.
+  // cache.threshold / the TaylorSeer field; UNIMPLEMENTED for a type the transformer does not
+  // implement); the cache then runs with one state for the conditional and one for the true-CFG
+  // negative pass, each told the denoising step index before its forward (TaylorSeer's schedule).
   absl::StatusOr<FluxPipelineResult> Generate(
       const FluxPipelineRequest& request, const DenoiseStepCallback& on_step = {},
       const DenoiseLatentsObserver& on_latents = {}) const override;

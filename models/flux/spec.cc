@@ -26,6 +26,11 @@ ModelSpec MakeFluxSpec() {
   spec.structure.skip_layerwise_casting_patterns = SkipLayerwiseCastingPatterns();
   // The factory honours ModelOptions::storage_dtype (FluxTransformer::Create).
   spec.layerwise_casting = true;
+  // The forward moves activations to each block's device (device maps, handlers/device_map.h).
+  spec.device_map = true;
+  // The forward enters each double and single block through a GroupOffloadSession
+  // (FluxInputs::offload): the loaders honour ModelOptions::group_offloading.
+  spec.group_offloading = true;
   // Capabilities wired (rows derived from the handlers): single-file loading and LoRA formats.
   spec.weight_mapping = &FluxWeightMappingHandler();
   spec.lora = &FluxLoraHandler();

@@ -219,6 +219,12 @@ struct Ctx {
   // weight stored narrower than the activations is converted for the one product that uses it
   // (the copy lives only as long as that layer's call).
   Tensor W(const Tensor& p) const { return p.scalar_type() == act ? p : p.to(act); }
+  // The weight of linear `l` (`w`: l.weight or its overlay) as the activations' dtype: 8-bit
+  // codes are decoded and scaled per row for this one product.
+  Tensor LW(const LinearImpl& l, const Tensor& w) const {
+    if (w.scalar_type() != torch::kByte) return W(w);
+    return ds::DequantizeFloat8(w, l.weight_scale, l.weight_format, act);
+  }
 
   // Stores a copy of the activation `t` in the model dtype; `keep_dtype` keeps t's own dtype.
   void Capture(const std::string& name, const Tensor& t, bool keep_dtype = false) const {
@@ -260,10 +266,12 @@ void AddLora(const Ctx& c, const ds::LinearLora& lora, const Tensor& x, Tensor& 
   }
 }
 
-Tensor Lin(const Ctx& c, const LinearImpl& l, const Tensor& x) {
+Tensor Lin(const Ctx& c, const LinearImpl& l, const Tensor& x_in) {
   const Tensor& w = c.P(l.path, ".weight", l.weight);
+  // Device map: the input follows the weight (a no-op on one device).
+  const Tensor x = x_in.device() == w.device() ? x_in : x_in.to(w.device());
   const Tensor& b = c.P(l.path, ".bias", l.bias);
-  Tensor y = c.R(at::linear(Leading(x, w.size(1)), c.W(w), b.defined() ? c.W(b) : Tensor()));
+  Tensor y = c.R(at::linear(Leading(x, w.size(1)), c.LW(l, w), b.defined() ? c.W(b) : Tensor()));
   if (const ds::LinearLora* lora = c.Deltas(l)) AddLora(c, *lora, x, y);
   return y;
 }
@@ -370,7 +378,7 @@ void Attention(const Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, 
 Tensor Embed(const Ctx& c, const EmbedderImpl& e, const Tensor& x) {
   Tensor h = Lin(c, *e.linear_1, x);
   at::silu_(h);
-  return Lin(c, *e.linear_2, c.R(h));
+  return Lin(c, *e.linear_2, c.R(h)).to(x.device());  // device map: back beside the input
 }
 
 // Heads view [B, S, H, d] of a [B, S, H·d] tensor.
@@ -378,11 +386,31 @@ Tensor Heads(const Tensor& x, int64_t heads) {
   return x.view({x.size(0), x.size(1), heads, x.size(2) / heads});
 }
 
-// `ip` (nullptr: none) adds the IP-Adapter term of block `index` (see ip_adapter.h).
+// TaylorSeer keeps and predicts a hooked module's outputs in the model dtype (the module's output
+// dtype in diffusers); emulated activations are float32 holding model-dtype values, so the
+// conversions both ways are exact.
+void TaylorUpdate(const Ctx& c, ds::TaylorSeerState& taylor, int64_t slot,
+                  std::vector<Tensor> outputs) {
+  if (c.emulate) {
+    for (Tensor& t : outputs) t = t.to(c.dtype);
+  }
+  taylor.Update(slot, outputs);
+}
+std::vector<Tensor> TaylorPredict(const Ctx& c, const ds::TaylorSeerState& taylor, int64_t slot) {
+  std::vector<Tensor> outputs = taylor.Predict(slot);
+  if (c.emulate) {
+    for (Tensor& t : outputs) t = t.to(c.act);
+  }
+  return outputs;
+}
+
+// `ip` (nullptr: none) adds the IP-Adapter term of block `index` (see ip_adapter.h). `taylor`
+// (nullptr: none): TaylorSeer hooks the attention (slot `index`), whose outputs (image, text and,
+// with an active IP-Adapter, its term) are predicted when the state is not computing.
 std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockImpl& blk, Tensor h,
                                       Tensor e, const Tensor& silu_temb, const Tensor& freqs,
                                       const std::string& name, const FluxIPAdapterRun* ip,
-                                      int64_t index) {
+                                      int64_t index, ds::TaylorSeerState* taylor = nullptr) {
   const FluxAttentionImpl& attn = *blk.attn;
   const int64_t s_txt = e.size(1), s_img = h.size(1), batch = h.size(0);
   // Modulation chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
@@ -400,22 +428,38 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
   }
 
   // Joint attention over [text, image].
-  const int64_t heads = attn.heads;
-  // The image stream's query after QK-norm, before RoPE: also the IP-Adapter's query.
-  const Tensor img_q = RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nh), heads));
-  const Tensor q = torch::cat(
-      {RMS(c, *attn.norm_added_q, Heads(Lin(c, *attn.add_q_proj, ne), heads)), img_q}, 1);
-  const Tensor k =
-      torch::cat({RMS(c, *attn.norm_added_k, Heads(Lin(c, *attn.add_k_proj, ne), heads)),
-                  RMS(c, *attn.norm_k, Heads(Lin(c, *attn.to_k, nh), heads))},
-                 1);
-  const Tensor v = torch::cat(
-      {Heads(Lin(c, *attn.add_v_proj, ne), heads), Heads(Lin(c, *attn.to_v, nh), heads)}, 1);
-  Tensor o = torch::empty({batch, s_txt + s_img, heads, attn.head_dim}, q.options());
-  Attention(c, Rope(c, q, freqs), Rope(c, k, freqs), v, o);
-  o = o.view({batch, s_txt + s_img, heads * attn.head_dim});
-  const Tensor attn_h = Lin(c, *attn.to_out_0, o.narrow(1, s_txt, s_img));
-  const Tensor attn_e = Lin(c, *attn.to_add_out, o.narrow(1, 0, s_txt));
+  const bool ip_active = ip != nullptr && ip->active(index);
+  Tensor attn_h, attn_e, ip_out;
+  if (taylor != nullptr && !taylor->computing()) {
+    const std::vector<Tensor> predicted = TaylorPredict(c, *taylor, index);
+    attn_h = predicted.at(0);
+    attn_e = predicted.at(1);
+    if (ip_active) ip_out = predicted.at(2);
+  } else {
+    const int64_t heads = attn.heads;
+    // The image stream's query after QK-norm, before RoPE: also the IP-Adapter's query.
+    const Tensor img_q = RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nh), heads));
+    const Tensor q = torch::cat(
+        {RMS(c, *attn.norm_added_q, Heads(Lin(c, *attn.add_q_proj, ne), heads)), img_q}, 1);
+    const Tensor k =
+        torch::cat({RMS(c, *attn.norm_added_k, Heads(Lin(c, *attn.add_k_proj, ne), heads)),
+                    RMS(c, *attn.norm_k, Heads(Lin(c, *attn.to_k, nh), heads))},
+                   1);
+    const Tensor v = torch::cat(
+        {Heads(Lin(c, *attn.add_v_proj, ne), heads), Heads(Lin(c, *attn.to_v, nh), heads)}, 1);
+    Tensor o = torch::empty({batch, s_txt + s_img, heads, attn.head_dim}, q.options());
+    Attention(c, Rope(c, q, freqs), Rope(c, k, freqs), v, o);
+    o = o.view({batch, s_txt + s_img, heads * attn.head_dim});
+    attn_h = Lin(c, *attn.to_out_0, o.narrow(1, s_txt, s_img));
+    attn_e = Lin(c, *attn.to_add_out, o.narrow(1, 0, s_txt));
+    // diffusers' IP-Adapter processor returns its term as the attention's third output.
+    if (ip_active) ip_out = ip->AttentionOutput(index, img_q);
+    if (taylor != nullptr) {
+      TaylorUpdate(c, *taylor, index,
+                   ip_active ? std::vector<Tensor>{attn_h, attn_e, ip_out}
+                             : std::vector<Tensor>{attn_h, attn_e});
+    }
+  }
   c.Capture(name + ".attn.0", attn_h);
   c.Capture(name + ".attn.1", attn_e);
 
@@ -425,9 +469,8 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
     at::gelu_(x, "tanh");
     GatedAdd(c, h, m[5], Lin(c, *blk.ff->net_2, c.R(x)));
   }
-  if (ip != nullptr && ip->active(index)) {
+  if (ip_active) {
     // diffusers: hidden_states + ip_attn_output after the MLP, ungated.
-    const Tensor ip_out = ip->AttentionOutput(index, img_q);
     c.Capture(name + ".attn.ip_attn_output", ip_out);
     h.add_(ip_out);
     c.R(h);
@@ -448,9 +491,13 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
 // One single-stream block on the joint sequence x = [text, image] (updated in place): the
 // attention output and the MLP activations are written side by side into one [B, S, 5·D] buffer
 // so that proj_out is a single product over their concatenation.
+//
+// `taylor` (nullptr: none): TaylorSeer hooks the attention (slot `slot`), whose output is predicted
+// when the state is not computing.
 void SingleBlock(const Ctx& c, const FluxSingleTransformerBlockImpl& blk, Tensor& x,
                  const Tensor& silu_temb, const Tensor& freqs, int64_t s_txt,
-                 const std::string& name) {
+                 const std::string& name, ds::TaylorSeerState* taylor = nullptr,
+                 int64_t slot = 0) {
   const FluxAttentionImpl& attn = *blk.attn;
   const int64_t batch = x.size(0), seq = x.size(1), dim = x.size(2);
   const int64_t mlp = blk.proj_mlp->weight.size(0);
@@ -466,17 +513,22 @@ void SingleBlock(const Ctx& c, const FluxSingleTransformerBlockImpl& blk, Tensor
     const LinearImpl& pm = *blk.proj_mlp;
     const Tensor nx2 = nx.reshape({batch * seq, dim});
     at::addmm_out(act, c.W(c.P(pm.path, ".bias", pm.bias)), nx2,
-                  c.W(c.P(pm.path, ".weight", pm.weight)).t());
+                  c.LW(pm, c.P(pm.path, ".weight", pm.weight)).t());
     c.R(act);
     if (const ds::LinearLora* lora = c.Deltas(pm)) AddLora(c, *lora, nx2, act);
     at::gelu_(act, "tanh");
     c.R(act);
   }
-  const int64_t heads = attn.heads;
-  const Tensor q = Rope(c, RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nx), heads)), freqs);
-  const Tensor k = Rope(c, RMS(c, *attn.norm_k, Heads(Lin(c, *attn.to_k, nx), heads)), freqs);
-  const Tensor v = Heads(Lin(c, *attn.to_v, nx), heads);
-  Attention(c, q, k, v, joint.narrow(2, 0, dim).view({batch, seq, heads, attn.head_dim}));
+  if (taylor != nullptr && !taylor->computing()) {
+    joint.narrow(2, 0, dim).copy_(TaylorPredict(c, *taylor, slot).at(0));
+  } else {
+    const int64_t heads = attn.heads;
+    const Tensor q = Rope(c, RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nx), heads)), freqs);
+    const Tensor k = Rope(c, RMS(c, *attn.norm_k, Heads(Lin(c, *attn.to_k, nx), heads)), freqs);
+    const Tensor v = Heads(Lin(c, *attn.to_v, nx), heads);
+    Attention(c, q, k, v, joint.narrow(2, 0, dim).view({batch, seq, heads, attn.head_dim}));
+    if (taylor != nullptr) TaylorUpdate(c, *taylor, slot, {joint.narrow(2, 0, dim)});
+  }
   c.Capture(name + ".attn", joint.narrow(2, 0, dim));
 
   GatedAdd(c, x, m[2], Lin(c, *blk.proj_out, joint));
@@ -488,6 +540,11 @@ void SingleBlock(const Ctx& c, const FluxSingleTransformerBlockImpl& blk, Tensor
 }
 
 Tensor Ids(const Tensor& ids) { return ids.dim() == 3 ? ids[0] : ids; }
+
+// `t` on `device` (itself when it is there already): activations follow a device map.
+Tensor On(const Tensor& t, const torch::Device& device) {
+  return t.device() == device ? t : t.to(device);
+}
 
 // Whether LibTorch's bfloat16 matrix products are fast on this CPU. Without AVX512-BF16 or AMX
 // they run far slower than float32 ones (~50× on AVX2), so bfloat16 is emulated there.
@@ -518,6 +575,22 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
   auto prepare = [&](const Tensor& t) {
     return c.emulate ? t.to(dev, c.dtype).to(torch::kFloat) : t.to(dev, c.act);
   };
+
+  // Step caches (handlers/block_cache.h): the request branch's state, of either type.
+  auto* const first_block_cache = dynamic_cast<ds::FirstBlockCacheState*>(in.cache);
+  auto* const taylor = dynamic_cast<ds::TaylorSeerState*>(in.cache);
+  const bool taylor_lite = taylor != nullptr && taylor->use_lite_mode();
+  // TaylorSeer lite (diffusers' use_lite_mode: proj_out hooked, the blocks inactive): on a skipped
+  // step the output is proj_out's predicted output, and nothing else contributes to it.
+  if (taylor != nullptr && !taylor->BeginForward() && taylor_lite) {
+    Tensor out = taylor->Predict(0).at(0);
+    c.Capture("proj_out", out);
+    return out;
+  }
+  // Otherwise every block's attention is hooked (diffusers' default identifiers
+  // ^transformer_blocks.*attn and ^single_transformer_blocks.*attn), slot = the block's index in
+  // forward order.
+  ds::TaylorSeerState* const taylor_blocks = taylor_lite ? nullptr : taylor;
 
   const int64_t batch = std::max({in.hidden_states.size(0), in.encoder_hidden_states.size(0),
                                   in.pooled_projections.size(0), in.timestep.size(0),
@@ -575,28 +648,39 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
   // blocks on the joint sequence [text, image], split back into e and h.
   const size_t num_double = blocks.size();
   const size_t num_blocks = num_double + single_blocks.size();
+  // Group offloading: each block's group is onloaded while it runs (no-op when not offloaded).
+  ds::GroupOffloadSession offload(in.offload);
   const auto run_blocks = [&](size_t begin, size_t end) {
     for (size_t i = begin; i < std::min(end, num_double); ++i) {
+      offload.Enter(static_cast<int64_t>(i));
+      const torch::Device bd = blocks[i]->norm1->linear->weight.device();  // device map
+      h = On(h, bd);
+      e = On(e, bd);
       std::tie(h, e) =
-          DoubleBlock(c, *blocks[i], h, e, silu_temb, freqs, absl::StrCat("transformer_blocks.", i),
-                      ip.has_value() ? &*ip : nullptr, static_cast<int64_t>(i));
+          DoubleBlock(c, *blocks[i], h, e, On(silu_temb, bd), On(freqs, bd),
+                      absl::StrCat("transformer_blocks.", i),
+                      ip.has_value() ? &*ip : nullptr, static_cast<int64_t>(i), taylor_blocks);
     }
     if (end > num_double) {
-      Tensor x = torch::cat({e, h}, 1);
+      Tensor x = torch::cat({e, On(h, e.device())}, 1);
       for (size_t i = std::max(begin, num_double); i < end; ++i) {
-        SingleBlock(c, *single_blocks[i - num_double], x, silu_temb, freqs, s_txt,
-                    absl::StrCat("single_transformer_blocks.", i - num_double));
+        offload.Enter(static_cast<int64_t>(i));
+        const torch::Device bd = single_blocks[i - num_double]->norm->linear->weight.device();
+        x = On(x, bd);  // device map
+        SingleBlock(c, *single_blocks[i - num_double], x, On(silu_temb, bd), On(freqs, bd), s_txt,
+                    absl::StrCat("single_transformer_blocks.", i - num_double), taylor_blocks,
+                    static_cast<int64_t>(i));
       }
       h = x.narrow(1, s_txt, x.size(1) - s_txt);
       e = x.narrow(1, 0, s_txt);
     }
   };
-  if (in.cache == nullptr || num_blocks < 2) {
+  if (first_block_cache == nullptr || num_blocks < 2) {
     run_blocks(0, num_blocks);
   } else {
     // FirstBlockCache (diffusers' FBCHeadBlockHook / FBCBlockHook): the head block always runs;
     // the others only when its image-stream residual changed enough since they last ran.
-    ds::FirstBlockCacheState& cache = *in.cache;
+    ds::FirstBlockCacheState& cache = *first_block_cache;
     const Tensor h_in = h.clone();  // the blocks update h in place
     run_blocks(0, 1);
     // Residuals in the model dtype, as diffusers subtracts them (emulation holds float32 values
@@ -617,12 +701,16 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
   }
 
   // AdaLayerNormContinuous: chunks are scale, shift (the reverse of the blocks).
+  h = On(h, norm_out->linear->weight.device());  // device map
   const auto m = Lin(c, *norm_out->linear, silu_temb).chunk(2, 1);
   h = Modulate(c, LayerNorm(c, *norm_out->norm, h), m[0], m[1]);
   c.Capture("norm_out", h);
   Tensor out = Lin(c, *proj_out, h);
   c.Capture("proj_out", out);
-  return c.emulate ? out.to(c.dtype) : out;
+  out = On(out, dev);  // device map: outputs on the model's device
+  if (c.emulate) out = out.to(c.dtype);
+  if (taylor_lite) taylor->Update(0, {out});  // the hooked proj_out's output is the model's
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -678,8 +766,22 @@ absl::StatusOr<std::unique_ptr<FluxTransformer>> FluxTransformer::Create(
     const std::vector<std::string> patterns =
         ds::LayerwiseCastingSkipPatterns(options, SkipLayerwiseCastingPatterns());
     RETURN_IF_ERROR(ds::ApplyLayerwiseCasting(*model, *options.storage_dtype, patterns,
-                                              options.uninitialized_parameters)
+                                              options.uninitialized_parameters,
+                                              options.float8_format)
                         .status());
+    // 8-bit storage: each linear keeps a handle on its scale buffer (the buffer object stays the
+    // same when loaders, LoRA fusing or a device map replace its data).
+    for (const auto& item : model->named_modules("", /*include_self=*/false)) {
+      auto* l = dynamic_cast<LinearImpl*>(item.value().get());
+      if (l == nullptr || l->weight.scalar_type() != torch::kByte) continue;
+      const auto buffers = l->named_buffers(/*recurse=*/false);
+      const torch::Tensor* scale = buffers.find(ds::Float8ScaleName("weight"));
+      if (scale == nullptr) {
+        return absl::InternalError(absl::StrCat(item.key(), ": 8-bit weight without a scale"));
+      }
+      l->weight_scale = *scale;
+      l->weight_format = options.float8_format;
+    }
   }
   return std::unique_ptr<FluxTransformer>(
       new FluxTransformer(cfg.ToJson(), options, std::move(model)));
@@ -835,6 +937,7 @@ absl::StatusOr<torch::Tensor> FluxTransformer::Forward(const TensorMap& inputs,
 absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithIntermediates(
     const TensorMap& inputs, Intermediates* intermediates, const ds::LoraContext* lora) const {
   ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs, lora));
+  in.offload = group_offloader();
   return TorchCall("FluxTransformer2DModel forward",
                    [&] { return model_->forward(in, intermediates, lora); });
 }
@@ -850,6 +953,7 @@ absl::StatusOr<torch::Tensor> FluxTransformer::ForwardWithExtras(
   ASSIGN_OR_RETURN(FluxInputs in, PrepareInputs(inputs, lora));
   Intermediates* const intermediates = extras.intermediates;
   in.cache = extras.cache;
+  in.offload = group_offloader();
   if (const FluxIPAdapterConditioning* ip_adapter = extras.ip_adapter; ip_adapter != nullptr) {
     const int64_t batch = std::max({in.hidden_states.size(0), in.encoder_hidden_states.size(0),
                                     in.pooled_projections.size(0), in.timestep.size(0),
@@ -872,7 +976,9 @@ namespace {
 
 class FluxCacheHandlerImpl final : public ds::CacheHandler {
  public:
-  std::vector<std::string> CacheTypes() const override { return {ds::kFirstBlockCacheType}; }
+  std::vector<std::string> CacheTypes() const override {
+    return {ds::kFirstBlockCacheType, ds::kTaylorSeerCacheType};
+  }
   std::vector<std::string> BlockStreams() const override {
     return {"hidden_states", "encoder_hidden_states"};
   }

@@ -33,6 +33,7 @@
 
 #include "absl/status/statusor.h"
 #include "handlers/block_cache.h"
+#include "handlers/group_offloading.h"
 #include "handlers/model.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
@@ -73,6 +74,11 @@ class LinearImpl : public torch::nn::Module {
   // The module's name in the model ("transformer_blocks.0.attn.to_q"), set by the model once it is
   // built; the key under which a LoraContext holds this module's deltas and overlays.
   std::string path;
+  // 8-bit float storage (handlers/layerwise_casting.h): `weight` holds uint8 codes of
+  // `weight_format` and this is its float32 [out_features] scale (the buffer "weight_scale");
+  // undefined otherwise. Set by FluxTransformer::Create.
+  torch::Tensor weight_scale;
+  ds::Float8Format weight_format = ds::Float8Format::kE4M3FN;
 };
 TORCH_MODULE(Linear);
 
@@ -267,13 +273,29 @@ struct FluxInputs {
   // Optional IP-Adapter conditioning (ip_adapter.h), not owned; must outlive the forward and be
   // valid for it (ValidateIPAdapterConditioning). nullptr, or no non-zero scale: the plain forward.
   const FluxIPAdapterConditioning* ip_adapter = nullptr;
-  // Optional FirstBlockCache state of the request's guidance branch (handlers/block_cache.h), not
+  // Optional step-cache state of the request's guidance branch (handlers/block_cache.h), not
   // owned; the forward reads and updates it, so one state must not be used by two forwards at
-  // once. The head block is the first block (transformer_blocks.0, or single_transformer_blocks.0
-  // without double blocks); when the state says skip, the cached tail residuals are added to its
-  // hidden_states and encoder_hidden_states outputs instead of running the other blocks. A model
-  // with a single block ignores it. nullptr: the plain forward, bit for bit.
-  ds::FirstBlockCacheState* cache = nullptr;
+  // once. nullptr: the plain forward, bit for bit.
+  //  * FirstBlockCacheState: the head block is the first block (transformer_blocks.0, or
+  //    single_transformer_blocks.0 without double blocks); when the state says skip, the cached
+  //    tail residuals are added to its hidden_states and encoder_hidden_states outputs instead of
+  //    running the other blocks. A model with a single block ignores it.
+  //  * TaylorSeerState (each forward is one step: BeginForward): as diffusers'
+  //    apply_taylorseer_cache with its default identifiers, every block's attention module is
+  //    hooked (slot = block index in forward order, transformer_blocks then
+  //    single_transformer_blocks): a double block's image and text attention outputs (after
+  //    to_out.0 / to_add_out) plus, with an active IP-Adapter, its term; a single block's attention
+  //    output (before proj_out). On a predicted step they are the state's prediction and the
+  //    projections and attention are not computed; everything else (modulation, MLPs, norms) runs.
+  //    With use_lite_mode (diffusers' lite: blocks inactive, proj_out hooked), the model output
+  //    itself is hooked (slot 0) and a predicted step returns the prediction without running any
+  //    layer. Captured intermediates on a predicted step hold the predicted tensors.
+  ds::BlockCacheState* cache = nullptr;
+  // Group offloading of the model (handlers/group_offloading.h), not owned; nullptr = every weight
+  // resident. The forward enters block i (transformer_blocks.0.. then single_transformer_blocks..,
+  // the order GroupOffloader numbers them) before running it. FluxTransformer's forwards set it to
+  // the model's DiffusionModel::group_offloader().
+  const ds::GroupOffloader* offload = nullptr;
 };
 
 class FluxTransformer2DModelImpl : public torch::nn::Module {
@@ -343,7 +365,9 @@ class FluxTransformer final : public ds::DiffusionModel {
   // under SkipLayerwiseCastingPatterns() (or options.layerwise_casting_skip_patterns) are stored
   // in that dtype (INVALID_ARGUMENT for one not narrower than options.dtype or a bad pattern) and
   // the forward upcasts each to the compute dtype only for its own product, so the output equals
-  // the compute-dtype model's with those weights rounded to the storage dtype, bit for bit. LoRA
+  // the compute-dtype model's with those weights rounded to the storage dtype, bit for bit (with
+  // 8-bit storage, options.storage_dtype torch::kByte: with each weight replaced by its decoded
+  // codes times its row scale, ds::DequantizeFloat8). LoRA
   // deltas and overlays stay in the compute dtype; a fused LoRA (LoraHost::Fuse) is computed in
   // float32 from the stored weights and rounded once to the storage dtype.
   static absl::StatusOr<std::unique_ptr<FluxTransformer>> Create(const nlohmann::json& config,
@@ -383,11 +407,11 @@ class FluxTransformer final : public ds::DiffusionModel {
   // Per-request extras of one forward, none owned (each must outlive the call; nullptr = none).
   struct ForwardExtras {
     const FluxIPAdapterConditioning* ip_adapter = nullptr;  // as ForwardWithIPAdapter
-    ds::FirstBlockCacheState* cache = nullptr;              // as FluxInputs::cache
+    ds::BlockCacheState* cache = nullptr;                   // as FluxInputs::cache
     Intermediates* intermediates = nullptr;
   };
   // The forward with any of the extras (the request's IP-Adapter conditioning and its branch's
-  // FirstBlockCache state). With none it is Forward() bit for bit. Errors as ForwardWithIPAdapter.
+  // step-cache state). With none it is Forward() bit for bit. Errors as ForwardWithIPAdapter.
   absl::StatusOr<torch::Tensor> ForwardWithExtras(const TensorMap& inputs,
                                                   const ds::LoraContext* lora,
                                                   const ForwardExtras& extras) const;
@@ -418,7 +442,7 @@ const std::vector<std::string>& SkipLayerwiseCastingPatterns();
 
 // The Flux transformer's cache wiring (ModelSpec::cache): FirstBlockCache, its blocks returning
 // hidden_states and encoder_hidden_states (diffusers' TransformerBlockRegistry for
-// FluxTransformerBlock / FluxSingleTransformerBlock).
+// FluxTransformerBlock / FluxSingleTransformerBlock), and TaylorSeer (see FluxInputs::cache).
 const ds::CacheHandler& FluxCacheHandler();
 
 // The registry-facing factory: FluxTransformer::Create as a ds::DiffusionModel.
