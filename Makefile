@@ -8,7 +8,7 @@ GOLDEN_DIR ?= $(abspath ../shared/golden)
 CMAKE_FLAGS ?=
 RUN_FLAGS ?=
 
-.PHONY: all deps configure build test run bench fuzz clean
+.PHONY: all deps configure build test run bench benchmarks fuzz clean
 
 all: build
 
@@ -33,6 +33,14 @@ run: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS) --target diffusion-server
 	$(BUILD_DIR)/server/diffusion-server $(RUN_FLAGS)
 
+# The benchmark suite: every performance figure next to its same-run reference, written to
+# BENCHMARKS.md (machine, command, tables). Extra flags: make benchmarks BENCH_FLAGS="--threads=1".
+BENCH_FLAGS ?=
+benchmarks: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target benchmarks
+	$(BUILD_DIR)/bench/benchmarks --report=BENCHMARKS.md $(BENCH_FLAGS)
+
+# The detailed per-area benchmark binaries (each prints its own breakdown).
 bench: build
 	$(BUILD_DIR)/bench/flux_forward_bench
 	$(BUILD_DIR)/bench/safetensors_mmap_bench
@@ -41,6 +49,8 @@ bench: build
 	$(BUILD_DIR)/bench/pipeline_bench
 	$(BUILD_DIR)/bench/server_bench
 	$(BUILD_DIR)/bench/adapter_store_bench
+	$(BUILD_DIR)/bench/cache_bench
+	$(BUILD_DIR)/bench/layerwise_casting_bench
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -22,6 +22,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/bench_util.h"
 #include "models/flux/config.h"
 #include "models/flux/transformer.h"
 
@@ -41,11 +42,8 @@ ABSL_FLAG(bool, profile, false, "print a per-operator breakdown of one forward")
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
+using ds::bench::Clock;
+using ds::bench::Seconds;
 
 struct Timing {
   double median = 0;
@@ -63,42 +61,6 @@ Timing TimeIt(int repeat, Fn&& fn) {
   }
   std::sort(t.begin(), t.end());
   return {t[t.size() / 2], t.front()};
-}
-
-// RoPE axes for a head dim: Flux's (16, 56, 56) scaled to head_dim, every entry even.
-std::vector<int64_t> RopeAxes(int64_t head_dim) {
-  const int64_t first = std::max<int64_t>(2, (head_dim / 8) / 2 * 2);
-  const int64_t rest = head_dim - first;
-  const int64_t second = rest / 2 / 2 * 2;
-  return {first, second, rest - second};
-}
-
-// Analytic FLOPs of one forward: every matrix product counts 2·M·N·K (linear layers with M =
-// tokens·batch, N = out, K = in; biases, norms, activations, RoPE and softmax are not counted),
-// and attention counts QKᵀ and P·V as 2·S²·d each per head (S = text + image tokens).
-//   D = heads·head_dim; per double block: img 2·N_img·(4·D² + 8·D²) (q,k,v,out + MLP D→4D→D),
-//   txt the same with N_txt, modulation 2·2·6·D², attention 4·S²·D;
-//   per single block: 2·S·(3·D² + 4·D² + 5·D²) (q,k,v, proj_mlp, proj_out 5D→D), modulation
-//   2·3·D², attention 4·S²·D; plus embedders, norm_out and proj_out.
-double ForwardFlops(const ds::flux::FluxConfig& c, int64_t batch, int64_t n_img, int64_t n_txt) {
-  const double b = static_cast<double>(batch), d = static_cast<double>(c.inner_dim());
-  const double img = static_cast<double>(n_img), txt = static_cast<double>(n_txt);
-  const double s = img + txt;
-  auto mm = [b](double m, double n, double k) { return 2.0 * b * m * n * k; };
-  double f = mm(img, d, static_cast<double>(c.in_channels)) +
-             mm(txt, d, static_cast<double>(c.joint_attention_dim));
-  f += mm(1, d, 256) + mm(1, d, d);                                           // timestep
-  f += mm(1, d, static_cast<double>(c.pooled_projection_dim)) + mm(1, d, d);  // text
-  if (c.guidance_embeds) f += mm(1, d, 256) + mm(1, d, d);
-  const double attention = 2.0 * 2.0 * b * s * s * d;  // QKᵀ and PV over all heads
-  const double double_block =
-      2 * mm(1, 6 * d, d) + mm(img, 12 * d, d) + mm(txt, 12 * d, d) + attention;
-  const double single_block = mm(1, 3 * d, d) + mm(s, 12 * d, d) + attention;
-  f += static_cast<double>(c.num_layers) * double_block +
-       static_cast<double>(c.num_single_layers) * single_block;
-  f += mm(1, 2 * d, d) +
-       mm(img, static_cast<double>(c.patch_size * c.patch_size * c.resolved_out_channels()), d);
-  return f;
 }
 
 // Self time per operator name over one profiled call, from the legacy profiler's push/pop pairs.
@@ -212,7 +174,7 @@ int main(int argc, char** argv) {
       {"num_single_layers", absl::GetFlag(FLAGS_single_layers)},
       {"num_attention_heads", absl::GetFlag(FLAGS_heads)},
       {"attention_head_dim", absl::GetFlag(FLAGS_head_dim)},
-      {"axes_dims_rope", RopeAxes(absl::GetFlag(FLAGS_head_dim))},
+      {"axes_dims_rope", ds::bench::RopeAxes(absl::GetFlag(FLAGS_head_dim))},
   };
   ds::ModelOptions options;
   options.dtype = dtype;
@@ -253,7 +215,7 @@ int main(int argc, char** argv) {
   forward();
   if (failed) return 1;
   std::vector<double> mm_s, fwd_s, ratios;
-  const double flops = ForwardFlops(cfg, batch, n_img, n_txt);
+  const double flops = ds::bench::FluxForwardFlops(cfg, batch, n_img, n_txt);
   for (int i = 0; i < repeat; ++i) {
     double best_mm = 1e30;
     for (int j = 0; j < 3; ++j) {

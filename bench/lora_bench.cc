@@ -49,6 +49,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "handlers/digest.h"
 #include "handlers/lora_format.h"
 #include "handlers/lora_host.h"
@@ -89,38 +90,15 @@ ABSL_FLAG(bool, concat_prototype, false,
 namespace ds {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-// CPU seconds of the whole process (all threads), for the contention-robust ratios below.
-double ProcessCpuSeconds() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-double Best(const std::vector<double>& v) {
-  return v.empty() ? 0 : *std::min_element(v.begin(), v.end());
-}
+using bench::Best;
+using bench::Clock;
+using bench::Median;
+using bench::ProcessCpuSeconds;
+using bench::Since;
 
 int Fail(const absl::Status& s, const std::string& what) {
   std::fprintf(stderr, "lora_bench: %s: %s\n", what.c_str(), s.ToString().c_str());
   return 1;
-}
-
-// RoPE axes for a head dim: Flux's (16, 56, 56) scaled to head_dim, every entry even (as in
-// flux_forward_bench).
-std::vector<int64_t> RopeAxes(int64_t head_dim) {
-  const int64_t first = std::max<int64_t>(2, (head_dim / 8) / 2 * 2);
-  const int64_t rest = head_dim - first;
-  const int64_t second = rest / 2 / 2 * 2;
-  return {first, second, rest - second};
 }
 
 // A Flux model built through the registry, weights randomly initialized.
@@ -137,21 +115,6 @@ absl::StatusOr<std::shared_ptr<DiffusionModel>> BuildFlux(const nlohmann::json& 
 
 std::string TempPath(const std::string& tag) {
   return absl::StrCat(absl::GetFlag(FLAGS_dir), "/lora_bench_", getpid(), "_", tag, ".safetensors");
-}
-
-// The first three fields of /proc/loadavg, or "?".
-std::string LoadAverage() {
-  std::FILE* f = std::fopen("/proc/loadavg", "r");
-  if (f == nullptr) return "?";
-  char a[32] = {0}, b[32] = {0}, c[32] = {0};
-  const int n = std::fscanf(f, "%31s %31s %31s", a, b, c);
-  std::fclose(f);
-  return n == 3 ? absl::StrCat(a, " ", b, " ", c) : "?";
-}
-
-int64_t FileSize(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
 }
 
 // Reads the whole file with read(2) into `buf` (already sized and touched); returns seconds.
@@ -272,7 +235,7 @@ int RunLoad(const ModelOptions& options) {
       {"num_single_layers", absl::GetFlag(FLAGS_load_single_layers)},
       {"num_attention_heads", absl::GetFlag(FLAGS_load_heads)},
       {"attention_head_dim", head_dim},
-      {"axes_dims_rope", RopeAxes(head_dim)},
+      {"axes_dims_rope", bench::RopeAxes(head_dim)},
   };
   const LoraHandler* handler = nullptr;
   auto model = BuildFlux(config, options, &handler);
@@ -296,7 +259,7 @@ int RunLoad(const ModelOptions& options) {
       const TensorMap lora = test::MakeDiffusersLora(params, modules, rank, 7);
       if (auto s = WriteSafetensors(path, lora); !s.ok()) return Fail(s, "writing " + path);
     }
-    const int64_t size = FileSize(path);
+    const int64_t size = bench::FileSize(path);
     std::vector<char> buf(static_cast<size_t>(size), 1);  // allocated and touched once
     ReadInto(path, buf);                                  // into the page cache
 
@@ -438,7 +401,7 @@ int RunForward(const ModelOptions& options) {
       {"num_single_layers", absl::GetFlag(FLAGS_single_layers)},
       {"num_attention_heads", heads},
       {"attention_head_dim", head_dim},
-      {"axes_dims_rope", RopeAxes(head_dim)},
+      {"axes_dims_rope", bench::RopeAxes(head_dim)},
       {"in_channels", 64},
       {"joint_attention_dim", width},
       {"pooled_projection_dim", width / 2},
@@ -660,7 +623,7 @@ int Main(int argc, char** argv) {
     return 2;
   }
   std::printf("lora_bench: threads=%d dtype=%s (load average at start: %s)\n", threads,
-              dtype.c_str(), LoadAverage().c_str());
+              dtype.c_str(), bench::LoadAverage().c_str());
   if (part != "forward") {
     if (int rc = RunLoad(options); rc != 0) return rc;
   }
@@ -669,7 +632,7 @@ int Main(int argc, char** argv) {
   }
   // Other processes competing for the cores make every timing here noisier (the ratios compare
   // interleaved runs, so they stay meaningful, but their spread grows).
-  std::printf("\nload average at end: %s\n", LoadAverage().c_str());
+  std::printf("\nload average at end: %s\n", bench::LoadAverage().c_str());
   return 0;
 }
 

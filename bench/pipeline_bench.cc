@@ -34,6 +34,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "handlers/image_decoder.h"
 #include "handlers/lora_host.h"
 #include "handlers/registry.h"
@@ -63,24 +64,9 @@ ABSL_FLAG(std::string, vae_channels, "32,64,128,128",
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// RoPE axes for a head dim: Flux's (16, 56, 56) scaled to head_dim, every entry even.
-std::vector<int64_t> RopeAxes(int64_t head_dim) {
-  const int64_t first = std::max<int64_t>(2, (head_dim / 8) / 2 * 2);
-  const int64_t rest = head_dim - first;
-  const int64_t second = rest / 2 / 2 * 2;
-  return {first, second, rest - second};
-}
+using ds::bench::Clock;
+using ds::bench::Median;
+using ds::bench::Seconds;
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "pipeline_bench: %s\n", s.ToString().c_str());
@@ -109,51 +95,15 @@ int main(int argc, char** argv) {
 
   // A guidance-distilled (dev-like) transformer and a FLUX-layout VAE, random weights, built
   // through the registry as a server would find them.
-  const nlohmann::json transformer_config = {
-      {"num_layers", absl::GetFlag(FLAGS_layers)},
-      {"num_single_layers", absl::GetFlag(FLAGS_single_layers)},
-      {"num_attention_heads", absl::GetFlag(FLAGS_heads)},
-      {"attention_head_dim", absl::GetFlag(FLAGS_head_dim)},
-      {"axes_dims_rope", RopeAxes(absl::GetFlag(FLAGS_head_dim))},
-      {"joint_attention_dim", 1024},
-      {"pooled_projection_dim", 256},
-      {"guidance_embeds", true},
-  };
-  const std::vector<std::string> down(vae_channels.size(), "DownEncoderBlock2D");
-  const std::vector<std::string> up(vae_channels.size(), "UpDecoderBlock2D");
-  const nlohmann::json vae_config = {
-      {"block_out_channels", vae_channels},
-      {"down_block_types", down},
-      {"up_block_types", up},
-      {"latent_channels", 16},
-      {"layers_per_block", 2},
-      {"norm_num_groups", 32},
-      {"scaling_factor", 0.3611},
-      {"shift_factor", 0.1159},
-      {"use_quant_conv", false},
-      {"use_post_quant_conv", false},
-  };
-  auto flux_spec = ds::ModelRegistry::Global().Find("FluxTransformer2DModel");
-  auto vae_spec = ds::ModelRegistry::Global().Find("AutoencoderKL");
-  if (!flux_spec.ok()) return Fail(flux_spec.status());
-  if (!vae_spec.ok()) return Fail(vae_spec.status());
-  auto transformer = (*flux_spec)->factory(transformer_config, ds::ModelOptions{});
-  if (!transformer.ok()) return Fail(transformer.status());
-  auto vae_model = (*vae_spec)->factory(vae_config, ds::ModelOptions{});
-  if (!vae_model.ok()) return Fail(vae_model.status());
-  ds::InitRandomWeights((*transformer)->module(), 0);
-  ds::InitRandomWeights((*vae_model)->module(), 1);
-  std::shared_ptr<const ds::DiffusionModel> vae_owner(std::move(vae_model).value());
-  const auto* decoder = dynamic_cast<const ds::LatentImageDecoder*>(vae_owner.get());
-  if (decoder == nullptr) return Fail(absl::InternalError("AutoencoderKL is no decoder"));
-
-  ds::flux::FluxPipelineComponents components;
-  components.transformer = std::make_shared<ds::LoraHost>(
-      std::shared_ptr<ds::DiffusionModel>(std::move(transformer).value()), (*flux_spec)->lora);
-  components.vae = std::shared_ptr<const ds::LatentImageDecoder>(vae_owner, decoder);
-  components.scheduler = ds::FlowMatchEulerConfig::FluxDev();
-  auto pipeline = ds::flux::FluxPipeline::Create(components);
-  if (!pipeline.ok()) return Fail(pipeline.status());
+  nlohmann::json transformer_config =
+      ds::bench::FluxShape(absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_single_layers),
+                           absl::GetFlag(FLAGS_heads), absl::GetFlag(FLAGS_head_dim));
+  transformer_config["joint_attention_dim"] = 1024;
+  transformer_config["pooled_projection_dim"] = 256;
+  auto built = ds::bench::BuildRandomFluxPipeline(transformer_config, vae_channels);
+  if (!built.ok()) return Fail(built.status());
+  ds::flux::FluxPipelineComponents& components = built->components;
+  std::unique_ptr<ds::flux::FluxPipeline>* pipeline = &built->pipeline;
   const ds::flux::FluxConfig& cfg = (*pipeline)->transformer_config();
 
   torch::manual_seed(0);
