@@ -754,5 +754,73 @@ TEST_F(CliRemoteTest, TlsWithACertificateAuthority) {
   EXPECT_THAT(r.err, HasSubstr("missing.pem"));
 }
 
+// The issue-9 flags: load-single-file with layerwise casting (8-bit), group offloading and a
+// device map prints what the server applied; generate --cache on the embedded flux-tiny pipeline
+// (threshold 0 and TaylorSeer interval 1 give the uncached PNG bytes, TaylorSeer's defaults skip
+// forwards and say how many); local mistakes are refused before any call.
+TEST_F(CliRemoteTest, PerformanceFlags) {
+  StartServer({"--embedded_models=default,flux-tiny"});
+  fs::copy(fs::path(GoldenDir()) / "lora" / "base_model_dir", fs::path(models_) / "base",
+           fs::copy_options::recursive);
+  CliResult r = Cli({"load-single-file", "--name=fp8", "--path=base", TokenFlag(),
+                     "--storage_dtype=float8_e4m3fn", "--skip_patterns=^proj_out$"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("weights stored as float8_e4m3fn"));
+  r = Cli({"load-single-file", "--name=off", "--path=base", TokenFlag(),
+           "--group_offload_blocks=1", "--group_offload_prefetch"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("group offloading: "));
+  EXPECT_THAT(r.out, HasSubstr("block(s)"));
+  EXPECT_THAT(r.out, HasSubstr("prefetch"));
+  r = Cli({"load-single-file", "--name=mapped", "--path=base", TokenFlag(),
+           "--device_map=sequential", "--max_memory=cpu=1G"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("device map: "));
+  EXPECT_EQ(StubMetadata("fp8").instance().storage_dtype(), "float8_e4m3fn");
+  EXPECT_TRUE(StubMetadata("off").instance().has_group_offload());
+  EXPECT_FALSE(StubMetadata("mapped").instance().device_map().empty());
+  // Local refusals, before any call.
+  r = Cli({"load-single-file", "--name=x", "--path=base", TokenFlag(), "--max_memory=cpu=lots",
+           "--device_map=sequential"});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("--max_memory: 'cpu=lots'"));
+  r = Cli({"load-single-file", "--name=x", "--path=base", TokenFlag(), "--group_offload_prefetch"});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("--group_offload_blocks"));
+  // The server's refusal of an unknown storage dtype names the field.
+  r = Cli({"load-single-file", "--name=x", "--path=base", TokenFlag(), "--storage_dtype=int3"});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("storage_dtype"));
+
+  // Step caches on the embedded pipeline.
+  auto generate = [&](const std::string& out, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"generate", "--model=flux-tiny", "--prompt=a red circle",
+                                     "--steps=8", "--seed=3", "-o", out};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Cli(args);
+  };
+  const std::string plain = tmp_.File("plain.png"), zero = tmp_.File("zero.png"),
+                    every = tmp_.File("every.png"), taylor = tmp_.File("taylor.png");
+  ASSERT_EQ(generate(plain, {}).exit_code, 0);
+  r = generate(zero, {"--cache=first_block_cache", "--cache_threshold=0"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("cache first_block_cache: "));
+  EXPECT_EQ(test::ReadFileBytes(zero), test::ReadFileBytes(plain));
+  r = generate(every, {"--cache=taylorseer_cache", "--cache_interval=1"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, HasSubstr("cache taylorseer_cache: 0 forwards skipped, 8 computed"));
+  EXPECT_EQ(test::ReadFileBytes(every), test::ReadFileBytes(plain));
+  r = generate(taylor, {"--cache=taylorseer_cache"});
+  ASSERT_EQ(r.exit_code, 0) << r;
+  EXPECT_THAT(r.out, Not(HasSubstr("cache taylorseer_cache: 0 forwards skipped")));
+  // Parameters without a type are a local mistake; a bad value is the server's INVALID_ARGUMENT.
+  r = generate(taylor, {"--cache_interval=2"});
+  EXPECT_EQ(r.exit_code, kExitLocalError) << r;
+  EXPECT_THAT(r.err, HasSubstr("need --cache TYPE"));
+  r = generate(taylor, {"--cache=taylorseer_cache", "--cache_interval=0"});
+  EXPECT_EQ(r.exit_code, kExitRpcError) << r;
+  EXPECT_THAT(r.err, HasSubstr("cache.cache_interval"));
+}
+
 }  // namespace
 }  // namespace ds

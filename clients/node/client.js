@@ -266,11 +266,15 @@ class DiffusionClient {
   // ---- management calls (need the token) ----
 
   // Loads a checkpoint under the server's --model_root as instance `name`.
+  // storageDtype: layerwise casting ('bfloat16', 'float16', 'float8_e4m3fn', 'float8_e5m2');
+  // groupOffload: {blocks_per_group, prefetch, offload_to}; deviceMap: 'sequential' (with
+  // maxMemoryBytes {device: bytes}) or an explicit JSON object text.
   loadSingleFile(name, filePath, {configJson = '', dtype = '', device = '', replace = false,
-    timeoutSeconds} = {}) {
-    return this.unary('LoadSingleFile',
-        {name, path: filePath, config_json: configJson, dtype, device, replace},
-        {admin: true, timeoutSeconds});
+    storageDtype = '', groupOffload, deviceMap = '', maxMemoryBytes = {}, timeoutSeconds} = {}) {
+    const request = {name, path: filePath, config_json: configJson, dtype, device, replace,
+      storage_dtype: storageDtype, device_map: deviceMap, max_memory_bytes: maxMemoryBytes};
+    if (groupOffload) request.group_offload = groupOffload;
+    return this.unary('LoadSingleFile', request, {admin: true, timeoutSeconds});
   }
 
   unloadModel(name, {timeoutSeconds} = {}) {
@@ -355,7 +359,7 @@ class DiffusionClient {
   generateImages(model, promptEmbeds, {pooledPromptEmbeds, width = 0, height = 0, numImages = 0,
     seed = 0, steps = 0, guidance = 0, trueCfgScale = 0, negativePromptEmbeds,
     negativePooledPromptEmbeds, noise, adapters = [], ipAdapters = [], returnLatents = false,
-    onProgress, timeoutSeconds = 600} = {}) {
+    cache, onProgress, timeoutSeconds = 600} = {}) {
     let request;
     try {
       request = {
@@ -373,6 +377,8 @@ class DiffusionClient {
         request.negative_pooled_prompt_embeds = negativePooledPromptEmbeds.toProto();
       }
       if (noise) request.noise = noise.toProto();
+      // A step cache: CacheConfig fields, e.g. {type: 'taylorseer_cache', cache_interval: 5}.
+      if (cache) request.cache = cache;
     } catch (err) {
       return Promise.reject(err);
     }

@@ -266,6 +266,22 @@ test('generateImages on the embedded flux-tiny pipeline: PNG size, seeded determ
   assert.ok(!two.images[0].equals(two.images[1]), 'two images per prompt are the same');
 });
 
+test('generateImages with a step cache: interval 1 = uncached bytes, defaults skip', async () => {
+  const md = await state.client.getMetadata('flux-tiny');
+  assert.ok(md.limits.cache_types.includes('taylorseer_cache'));
+  const {promptEmbeds, pooledPromptEmbeds} = randomPromptEmbeds(md.limits, {textTokens: 5, seed: 3});
+  const run = (cache) => state.client.generateImages('flux-tiny', promptEmbeds, {
+    pooledPromptEmbeds, seed: 2, steps: 8, cache});
+  const plain = await run(undefined);
+  const every = await run({type: 'taylorseer_cache', cache_interval: 1});
+  assert.ok(every.images[0].equals(plain.images[0]), 'interval 1 differs from uncached');
+  assert.equal(Number(every.result.cache_skipped_steps), 0);
+  const skipping = await run({type: 'taylorseer_cache'});
+  assert.ok(Number(skipping.result.cache_skipped_steps) > 0);
+  await assert.rejects(run({type: 'first_block_cache', threshold: -1}),
+      (err) => err.code === grpc.status.INVALID_ARGUMENT && err.details.includes('cache.threshold'));
+});
+
 test('IP-Adapters: load, image prompts (scale 0 = plain), unload, status codes', async () => {
   const png = fs.readFileSync(state.ipImage);
   // The embedded flux-tiny pipeline takes IP-Adapters; one it does not hold is NOT_FOUND.

@@ -277,6 +277,27 @@ class ClientTest(unittest.TestCase):
         self.assertNotEqual(two.images[0], two.images[1])
         self.assertEqual([dc.png_size(i) for i in two.images], [(width, height)] * 2)
 
+    def test_step_cache(self):
+        # TaylorSeer at interval 1 computes every step: the uncached bytes; its defaults skip.
+        limits = self.client.get_metadata("flux-tiny").limits
+        self.assertIn("taylorseer_cache", list(limits.cache_types))
+        prompt, pooled = dc.random_prompt_embeds(limits, text_tokens=5, seed=3)
+
+        def run(cache=None):
+            return self.client.generate_images("flux-tiny", prompt, pooled, seed=2, steps=8,
+                                               cache=cache)
+
+        plain = run()
+        every = run({"type": "taylorseer_cache", "cache_interval": 1})
+        self.assertEqual(every.images, plain.images)
+        self.assertEqual(every.result.cache_skipped_steps, 0)
+        skipping = run({"type": "taylorseer_cache"})
+        self.assertGreater(skipping.result.cache_skipped_steps, 0)
+        with self.assertRaises(grpc.RpcError) as err:
+            run({"type": "first_block_cache", "threshold": -1})
+        self.assertEqual(err.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("cache.threshold", err.exception.details())
+
     def test_ip_adapters(self):
         with open(self.ip_image, "rb") as f:
             png = f.read()

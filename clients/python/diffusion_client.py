@@ -224,10 +224,21 @@ class DiffusionClient:
     # ---- management calls (need the token) ------------------------------------------------------
 
     def load_single_file(self, name, path, config_json="", dtype="", device="", replace=False,
-                         timeout=_MANAGEMENT_TIMEOUT_S):
-        """Loads a checkpoint under the server's --model_root as instance `name`."""
+                         storage_dtype="", group_offload=None, device_map="",
+                         max_memory_bytes=None, timeout=_MANAGEMENT_TIMEOUT_S):
+        """Loads a checkpoint under the server's --model_root as instance `name`.
+
+        storage_dtype: layerwise casting ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2").
+        group_offload: a dict of GroupOffloadConfig fields, e.g. {"blocks_per_group": 1,
+        "prefetch": True}. device_map: "sequential" (with max_memory_bytes, a dict device ->
+        bytes) or an explicit JSON object text."""
         request = pb.LoadSingleFileRequest(name=name, path=path, config_json=config_json,
-                                           dtype=dtype, device=device, replace=replace)
+                                           dtype=dtype, device=device, replace=replace,
+                                           storage_dtype=storage_dtype, device_map=device_map)
+        if group_offload is not None:
+            request.group_offload.CopyFrom(pb.GroupOffloadConfig(**group_offload))
+        for device_name, budget in (max_memory_bytes or {}).items():
+            request.max_memory_bytes[device_name] = int(budget)
         return self._stub.LoadSingleFile(request, metadata=self._admin(), timeout=timeout)
 
     def unload_model(self, name, timeout=_MANAGEMENT_TIMEOUT_S):
@@ -274,7 +285,7 @@ class DiffusionClient:
                         num_images=0, seed=0, steps=0, guidance=0.0, true_cfg_scale=0.0,
                         negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                         noise=None, adapters=(), ip_adapters=(), return_latents=False,
-                        on_progress=None, timeout=600.0):
+                        on_progress=None, timeout=600.0, cache=None):
         """Runs a pipeline instance (ListModels' pipeline_class set, e.g. the embedded
         "flux-tiny") and returns a GenerateOutput whose `images` are the PNG bytes, one per image.
 
@@ -288,6 +299,9 @@ class DiffusionClient:
         (name, image) or (name, image, scale): image the PNG file's bytes or a Tensor of image
         embeddings ([E], [1, E] or [1, N, E]); scale a number or a list with one per conditioned
         layer (default 1). ValueError for an entry of another form.
+        cache: a step cache, a dict of CacheConfig fields, e.g. {"type": "first_block_cache",
+        "threshold": 0.1} or {"type": "taylorseer_cache", "cache_interval": 5}; the result's
+        cache_skipped_steps / cache_computed_steps say what it skipped.
         """
         request = pb.GenerateRequest(model=model, seed=seed, steps=steps, guidance=guidance,
                                      width=width, height=height, num_images=num_images,
@@ -303,6 +317,8 @@ class DiffusionClient:
                 getattr(request, field).CopyFrom(tensor.to_proto())
         self._add_adapters(request, adapters)
         self._add_ip_adapters(request, ip_adapters)
+        if cache is not None:
+            request.cache.CopyFrom(pb.CacheConfig(**cache))
         return self._run_generate(request, on_progress, timeout)
 
     @staticmethod

@@ -202,6 +202,40 @@ ABSL_FLAG(std::string, prompt_2, "",
           "for every TEXT (default: each TEXT)");
 ABSL_FLAG(std::string, negative_prompt, "",
           "generate: negative prompt for true CFG (with --true-cfg-scale > 1)");
+ABSL_FLAG(std::string, storage_dtype, "",
+          "load-single-file: layerwise casting, weights stored as bfloat16, float16, float8_e4m3fn "
+          "or float8_e5m2 and upcast per layer to --dtype (\"\" = none)");
+ABSL_FLAG(std::vector<std::string>, skip_patterns, {},
+          "load-single-file with --storage_dtype: comma-separated regular expressions replacing "
+          "the model's layerwise-casting skip patterns");
+ABSL_FLAG(int64_t, group_offload_blocks, 0,
+          "load-single-file: group offloading, N consecutive blocks per group (0 = none)");
+ABSL_FLAG(bool, group_offload_prefetch, false,
+          "load-single-file with --group_offload_blocks: read the next group ahead");
+ABSL_FLAG(std::string, group_offload_to, "",
+          "load-single-file with --group_offload_blocks: disk (default) or cpu (CUDA models)");
+ABSL_FLAG(std::string, device_map, "",
+          "load-single-file: \"sequential\" (with --max_memory) or an explicit JSON object "
+          "{\"module\": \"device\"}; whole blocks per device");
+ABSL_FLAG(std::string, max_memory, "",
+          "load-single-file with --device_map sequential: DEVICE=BYTES[,DEVICE=BYTES...] "
+          "(K/M/G suffixes), e.g. cuda:0=20G,cpu=64G");
+ABSL_FLAG(std::string, cache, "",
+          "generate: step cache, first_block_cache or taylorseer_cache (\"\" = none)");
+ABSL_FLAG(double, cache_threshold, -1,
+          "generate --cache first_block_cache: threshold (-1 = the server's default, 0.05)");
+ABSL_FLAG(int64_t, cache_interval, -1,
+          "generate --cache taylorseer_cache: steps between full computations (-1 = default 5)");
+ABSL_FLAG(int64_t, disable_cache_before_step, -1,
+          "generate --cache taylorseer_cache: warm-up steps always computed (-1 = default 3)");
+ABSL_FLAG(int64_t, disable_cache_after_step, -1,
+          "generate --cache taylorseer_cache: steps from this one on always computed (-1 = none)");
+ABSL_FLAG(int64_t, max_order, -1,
+          "generate --cache taylorseer_cache: Taylor order (-1 = default 1)");
+ABSL_FLAG(std::string, taylor_factors_dtype, "",
+          "generate --cache taylorseer_cache: bfloat16 (default), float16 or float32");
+ABSL_FLAG(bool, cache_lite, false,
+          "generate --cache taylorseer_cache: lite mode (predict the model output)");
 
 namespace ds {
 namespace {
@@ -238,6 +272,9 @@ constexpr char kUsage[] =
     "  diffusion-cli metadata NAME [--verbose]\n"
     "  diffusion-cli load-single-file --name N --path P [--dtype D] [--device D] [--replace] "
     "[--config JSON]\n"
+    "      [--storage_dtype bfloat16|float16|float8_e4m3fn|float8_e5m2 [--skip_patterns RE,...]]\n"
+    "      [--group_offload_blocks N [--group_offload_prefetch] [--group_offload_to disk|cpu]]\n"
+    "      [--device_map sequential --max_memory DEV=BYTES,... | --device_map JSON]\n"
     "  diffusion-cli unload-model --name N\n"
     "  diffusion-cli load-lora [--model M] --name N (--path P | --file LOCAL) [--format-hint F] "
     "[--allow-partial] [--replace] [--pin] [--weight W]\n"
@@ -258,7 +295,9 @@ constexpr char kUsage[] =
     "      (text encoders), or IN holding prompt_embeds and pooled_prompt_embeds; OUT.png gets\n"
     "      the image; image prompts: [--ip_adapter NAME=IMAGE.png[:SCALE]]... (a local PNG for\n"
     "      the loaded IP-Adapter NAME) [--ip_adapter_embeds NAME=FILE.safetensors[:SCALE]]...\n"
-    "      (FILE's tensor image_embeds); SCALE: a number or a comma list, one per layer (1)\n"
+    "      (FILE's tensor image_embeds); SCALE: a number or a comma list, one per layer (1)\n"    "      step cache: [--cache first_block_cache [--cache_threshold X]] or [--cache\n"
+    "      taylorseer_cache [--cache_interval N] [--disable_cache_before_step N]\n"
+    "      [--disable_cache_after_step N] [--max_order N] [--taylor_factors_dtype D] [--cache_lite]]\n"
     "  exit codes: 0 ok, 1 bad invocation or local failure, 2 unknown command, 3 error from the\n"
     "  server (printed as 'error: CODE_NAME: message'), 4 health not SERVING\n"
     "  (all commands accept --threads N; flag names take '-' or '_')";
@@ -533,6 +572,24 @@ cli::RemoteOptions RemoteOptionsFromFlags() {
   o.prompt_2 = absl::GetFlag(FLAGS_prompt_2);
   o.negative_prompt = absl::GetFlag(FLAGS_negative_prompt);
   o.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
+  o.storage_dtype = absl::GetFlag(FLAGS_storage_dtype);
+  o.skip_patterns = absl::GetFlag(FLAGS_skip_patterns);
+  o.group_offload_blocks = absl::GetFlag(FLAGS_group_offload_blocks);
+  o.group_offload_prefetch = absl::GetFlag(FLAGS_group_offload_prefetch);
+  o.group_offload_to = absl::GetFlag(FLAGS_group_offload_to);
+  o.device_map = absl::GetFlag(FLAGS_device_map);
+  o.max_memory = absl::GetFlag(FLAGS_max_memory);
+  o.cache = absl::GetFlag(FLAGS_cache);
+  auto set_if = [](auto value, auto* out) {
+    if (value >= 0) *out = value;
+  };
+  set_if(absl::GetFlag(FLAGS_cache_threshold), &o.cache_threshold);
+  set_if(absl::GetFlag(FLAGS_cache_interval), &o.cache_interval);
+  set_if(absl::GetFlag(FLAGS_disable_cache_before_step), &o.disable_cache_before_step);
+  set_if(absl::GetFlag(FLAGS_disable_cache_after_step), &o.disable_cache_after_step);
+  set_if(absl::GetFlag(FLAGS_max_order), &o.max_order);
+  o.taylor_factors_dtype = absl::GetFlag(FLAGS_taylor_factors_dtype);
+  o.cache_lite = absl::GetFlag(FLAGS_cache_lite);
   return o;
 }
 

@@ -12,6 +12,7 @@
 #include <functional>
 #include <iostream>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -356,6 +357,32 @@ absl::Status Metadata(Client& client, const std::vector<std::string>& positional
   return absl::OkStatus();
 }
 
+// --max_memory "DEVICE=BYTES[,DEVICE=BYTES...]"; BYTES an integer, optionally with a K, M or G
+// suffix (powers of 1024). INVALID_ARGUMENT naming the item at fault.
+absl::StatusOr<std::map<std::string, int64_t>> ParseMaxMemory(const std::string& text) {
+  std::map<std::string, int64_t> out;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    const std::vector<absl::string_view> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
+    absl::string_view number = kv.size() == 2 ? kv[1] : absl::string_view();
+    int64_t unit = 1;
+    if (!number.empty()) {
+      const char last = number.back();
+      if (last == 'K' || last == 'k') unit = int64_t{1} << 10;
+      if (last == 'M' || last == 'm') unit = int64_t{1} << 20;
+      if (last == 'G' || last == 'g') unit = int64_t{1} << 30;
+      if (unit != 1) number.remove_suffix(1);
+    }
+    int64_t value = 0;
+    if (kv.size() != 2 || kv[0].empty() || !absl::SimpleAtoi(number, &value) || value < 0 ||
+        value > std::numeric_limits<int64_t>::max() / unit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--max_memory: '", item, "' is not DEVICE=BYTES (e.g. cpu=8G,cuda:0=20G)"));
+    }
+    out[std::string(kv[0])] = value * unit;
+  }
+  return out;
+}
+
 absl::Status LoadSingleFile(Client& client, const RemoteOptions& o) {
   const std::string command = "load-single-file";
   RETURN_IF_ERROR(Require(o.name, command, "--name", "the instance name to load it as"));
@@ -368,6 +395,23 @@ absl::Status LoadSingleFile(Client& client, const RemoteOptions& o) {
   request.set_dtype(o.dtype);
   request.set_device(o.device);
   request.set_replace(o.replace);
+  request.set_storage_dtype(o.storage_dtype);
+  for (const std::string& p : o.skip_patterns) request.add_layerwise_casting_skip_patterns(p);
+  if (o.group_offload_blocks < 0) {
+    return absl::InvalidArgumentError("--group_offload_blocks must be >= 0 (0 = no offloading)");
+  }
+  if (o.group_offload_blocks > 0) {
+    pb::GroupOffloadConfig* g = request.mutable_group_offload();
+    g->set_blocks_per_group(static_cast<int32_t>(o.group_offload_blocks));
+    g->set_prefetch(o.group_offload_prefetch);
+    g->set_offload_to(o.group_offload_to);
+  } else if (o.group_offload_prefetch || !o.group_offload_to.empty()) {
+    return absl::InvalidArgumentError(
+        "--group_offload_prefetch / --group_offload_to need --group_offload_blocks N");
+  }
+  request.set_device_map(o.device_map);
+  ASSIGN_OR_RETURN(const auto budgets, ParseMaxMemory(o.max_memory));
+  for (const auto& [device, bytes] : budgets) (*request.mutable_max_memory_bytes())[device] = bytes;
   if (!o.config.empty()) {
     if (absl::StartsWith(absl::StripLeadingAsciiWhitespace(o.config), "{")) {
       request.set_config_json(o.config);
@@ -384,8 +428,17 @@ absl::Status LoadSingleFile(Client& client, const RemoteOptions& o) {
   std::cout << "loaded " << m.name() << ": " << m.class_name()
             << (m.variant().empty() ? "" : absl::StrCat(" (", m.variant(), ")")) << ", "
             << m.dtype() << " on " << m.device() << ", " << FormatBytes(m.parameter_bytes()) << ", "
-            << StateText(m) << ", sha256 " << (m.sha256().empty() ? "-" : m.sha256()) << "\n"
-            << absl::StrFormat("%.3f s\n", response.seconds());
+            << StateText(m) << ", sha256 " << (m.sha256().empty() ? "-" : m.sha256()) << "\n";
+  if (!m.storage_dtype().empty()) std::cout << "weights stored as " << m.storage_dtype() << "\n";
+  if (m.has_group_offload()) {
+    const pb::GroupOffloadStatus& g = m.group_offload();
+    std::cout << "group offloading: " << g.groups() << " groups of "
+              << g.config().blocks_per_group() << " block(s), "
+              << FormatBytes(g.offloaded_bytes()) << " offloaded"
+              << (g.config().prefetch() ? ", prefetch" : "") << "\n";
+  }
+  if (!m.device_map().empty()) std::cout << "device map: " << m.device_map() << "\n";
+  std::cout << absl::StrFormat("%.3f s\n", response.seconds());
   return absl::OkStatus();
 }
 
@@ -695,6 +748,33 @@ absl::StatusOr<std::vector<int64_t>> DeriveLatentShape(const SafetensorsFile& in
   return std::vector<int64_t>{batch, tokens, config["in_channels"].get<int64_t>()};
 }
 
+// GenerateRequest.cache from --cache and its parameters. INVALID_ARGUMENT for a parameter given
+// without --cache.
+absl::Status SetCache(const RemoteOptions& o, pb::GenerateRequest* request) {
+  const bool any_parameter = o.cache_threshold || o.cache_interval ||
+                             o.disable_cache_before_step || o.disable_cache_after_step ||
+                             o.max_order || !o.taylor_factors_dtype.empty() || o.cache_lite;
+  if (o.cache.empty()) {
+    if (any_parameter) {
+      return absl::InvalidArgumentError(
+          "--cache_threshold / --cache_interval / --disable_cache_*_step / --max_order / "
+          "--taylor_factors_dtype / --cache_lite need --cache TYPE (first_block_cache, "
+          "taylorseer_cache)");
+    }
+    return absl::OkStatus();
+  }
+  pb::CacheConfig* c = request->mutable_cache();
+  c->set_type(o.cache);
+  if (o.cache_threshold) c->set_threshold(*o.cache_threshold);
+  if (o.cache_interval) c->set_cache_interval(*o.cache_interval);
+  if (o.disable_cache_before_step) c->set_disable_cache_before_step(*o.disable_cache_before_step);
+  if (o.disable_cache_after_step) c->set_disable_cache_after_step(*o.disable_cache_after_step);
+  if (o.max_order) c->set_max_order(*o.max_order);
+  if (!o.taylor_factors_dtype.empty()) c->set_taylor_factors_dtype(o.taylor_factors_dtype);
+  if (o.cache_lite) c->set_use_lite_mode(true);
+  return absl::OkStatus();
+}
+
 absl::Status Generate(Client& client, const RemoteOptions& o) {
   const std::string command = "generate";
   if (o.prompt.empty()) {
@@ -841,6 +921,7 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
   request.set_seed(o.seed);
   request.set_steps(o.steps);
   request.set_guidance(o.guidance);
+  RETURN_IF_ERROR(SetCache(o, &request));
   request.set_return_latents(!png && !pipeline);
 
   ASSIGN_OR_RETURN(std::unique_ptr<grpc::ClientContext> ctx, client.Context(false));
@@ -935,6 +1016,10 @@ absl::Status Generate(Client& client, const RemoteOptions& o) {
   if (!ip_adapters.empty()) {
     std::cout << "ip-adapters: " << absl::StrJoin(ip_adapters, ", ")
               << absl::StrFormat(" (image encoding %.3f s)\n", result->image_encode_seconds());
+  }
+  if (request.has_cache()) {
+    std::cout << "cache " << request.cache().type() << ": " << result->cache_skipped_steps()
+              << " forwards skipped, " << result->cache_computed_steps() << " computed\n";
   }
   std::cout << absl::StrFormat("%.3f s (queued %.3f s)\n", result->seconds(),
                                result->queue_seconds());

@@ -46,6 +46,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -95,6 +96,17 @@ struct RemoteOptions {
   std::string device;    // "cpu", "cuda", "cuda:N"; "" = the server's default
   std::string config;    // config override: inline JSON object text, or a local JSON file path
   bool replace = false;  // also load-lora, load-ip-adapter
+  // Layerwise casting: "" = none; "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2".
+  std::string storage_dtype;
+  std::vector<std::string> skip_patterns;  // replaces the model's casting skip patterns
+  // Group offloading: blocks per group, 0 = none; prefetch; "" / "disk" / "cpu".
+  int64_t group_offload_blocks = 0;
+  bool group_offload_prefetch = false;
+  std::string group_offload_to;
+  // Device map: "" = none, "sequential", or an explicit JSON object {"module": "device"}; with
+  // "sequential", budgets as "DEVICE=BYTES[,DEVICE=BYTES...]" (BYTES may end in K, M, G: 2^10...).
+  std::string device_map;
+  std::string max_memory;
 
   // load-ip-adapter: the image encoder folder under the server's model root; "" = the pipeline's
   // image_encoder component (or none: requests then give image embeddings).
@@ -137,6 +149,16 @@ struct RemoteOptions {
   std::string prompt_2;
   std::string negative_prompt;
   int64_t max_sequence_length = 0;
+  // Step cache (GenerateRequest.cache): "" = none, "first_block_cache" or "taylorseer_cache";
+  // unset parameters take the server's defaults (diffusers').
+  std::string cache;
+  std::optional<double> cache_threshold;
+  std::optional<int64_t> cache_interval;
+  std::optional<int64_t> disable_cache_before_step;
+  std::optional<int64_t> disable_cache_after_step;
+  std::optional<int64_t> max_order;
+  std::string taylor_factors_dtype;
+  bool cache_lite = false;
 };
 
 // True for the command names above.
