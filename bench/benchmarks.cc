@@ -49,6 +49,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
@@ -505,10 +507,8 @@ void BM_Casting(benchmark::State& state, std::string storage, bool all_linears) 
   std::unique_ptr<DiffusionModel> owned;
   const DiffusionModel* model = &fp32;
   if (!storage.empty()) {
-    absl::StatusOr<std::optional<torch::Dtype>> dtype = ParseStorageDtype(storage);
-    if (!Check(state, dtype.status())) return;
     ModelOptions options;
-    options.storage_dtype = *dtype;
+    if (!Check(state, SetStorageDtype(storage, options))) return;
     if (all_linears) {
       options.layerwise_casting_skip_patterns =
           std::vector<std::string>{"pos_embed", "patch_embed", "^proj_in$", "^proj_out$"};
@@ -517,7 +517,11 @@ void BM_Casting(benchmark::State& state, std::string storage, bool all_linears) 
     if (!Check(state, spec.status())) return;
     absl::StatusOr<std::unique_ptr<DiffusionModel>> m = (*spec)->factory(fp32.config(), options);
     if (!Check(state, m.status())) return;
-    if (!Check(state, LoadStateDict((*m)->module(), NamedTensors(fp32.module())))) return;
+    // A float checkpoint in the model's storage form (8-bit: quantized into codes and scales).
+    absl::StatusOr<TensorMap> weights =
+        ToStorageForm((*m)->module(), NamedTensors(fp32.module()), options.float8_format);
+    if (!Check(state, weights.status())) return;
+    if (!Check(state, LoadStateDict((*m)->module(), *weights))) return;
     owned = *std::move(m);
     model = owned.get();
   }
@@ -655,18 +659,21 @@ class CollectingReporter : public benchmark::ConsoleReporter {
   std::map<std::string, Result> results_;
 };
 
-// Names of the registered benchmarks without Google Benchmark's suffixes.
+// A run's name without Google Benchmark's suffixes ("/min_time:0.300", "/repeats:3",
+// "/iterations:1", "/real_time", "/manual_time"): the name it was registered under.
 std::string Strip(const std::string& name) {
-  std::string n = name;
-  for (const char* suffix : {"/manual_time", "/real_time"}) {
-    const auto pos = n.find(suffix);
-    if (pos != std::string::npos) n.erase(pos, std::string(suffix).size());
+  std::vector<std::string> kept;
+  for (absl::string_view part : absl::StrSplit(name, '/')) {
+    if (absl::StrContains(part, ':') || part == "real_time" || part == "manual_time") continue;
+    kept.emplace_back(part);
   }
-  for (auto pos = n.find("/repeats:"); pos != std::string::npos; pos = n.find("/repeats:")) {
-    const auto end = n.find('/', pos + 1);
-    n.erase(pos, end == std::string::npos ? std::string::npos : end - pos);
-  }
-  return n;
+  return absl::StrJoin(kept, "/");
+}
+
+// Every registered benchmark name (filled by Register).
+std::vector<std::string>& RegisteredNames() {
+  static auto* names = new std::vector<std::string>();
+  return *names;
 }
 
 class Report {
@@ -894,19 +901,23 @@ void WriteReport(const std::string& path, const Report& r, const std::string& co
 
 void Register() {
   const int reps = std::max(1, absl::GetFlag(FLAGS_repetitions));
-  auto add = [reps](const std::string& name, auto fn) {
-    return benchmark::RegisterBenchmark(name.c_str(), fn)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime()
-        ->Repetitions(reps)
-        ->MinTime(Quick() ? 0.01 : 0.3);
+  // Each benchmark runs for at least the min time per repetition, or exactly `iterations` times.
+  auto configure = [reps](benchmark::internal::Benchmark* b, int64_t iterations) {
+    b->Unit(benchmark::kMillisecond)->Repetitions(reps);
+    if (iterations > 0) {
+      b->Iterations(iterations);
+    } else {
+      b->MinTime(Quick() ? 0.01 : 0.3);
+    }
+    return b;
   };
-  auto add_manual = [reps](const std::string& name, auto fn) {
-    return benchmark::RegisterBenchmark(name.c_str(), fn)
-        ->Unit(benchmark::kMillisecond)
-        ->UseManualTime()
-        ->Repetitions(reps)
-        ->MinTime(Quick() ? 0.01 : 0.3);
+  auto add = [configure](const std::string& name, auto fn, int64_t iterations = 0) {
+    RegisteredNames().push_back(name);
+    return configure(benchmark::RegisterBenchmark(name.c_str(), fn)->UseRealTime(), iterations);
+  };
+  auto add_manual = [configure](const std::string& name, auto fn, int64_t iterations = 0) {
+    RegisteredNames().push_back(name);
+    return configure(benchmark::RegisterBenchmark(name.c_str(), fn)->UseManualTime(), iterations);
   };
   for (int64_t n : Quick() ? std::vector<int64_t>{128, 256} : std::vector<int64_t>{1024, 2048}) {
     add(absl::StrCat("matmul/float32/", n),
@@ -931,7 +942,7 @@ void Register() {
   add("lora/forward/unfused_1", [](benchmark::State& s) { BM_LoraForward(s, 1); });
   add("lora/forward/unfused_4", [](benchmark::State& s) { BM_LoraForward(s, 4); });
   add("single_file/read", BM_SingleFileRead);
-  add_manual("single_file/load", BM_SingleFileLoad)->Iterations(1);
+  add_manual("single_file/load", BM_SingleFileLoad, 1);
   add("grpc/generate", BM_GrpcGenerate);
   add("grpc/in_process", BM_GrpcInProcess);
   add("grpc/unary", BM_GrpcUnary);
@@ -1011,9 +1022,17 @@ int main(int argc, char** argv) {
       ++failed;
     }
   }
+  const ds::bench::Report results(reporter.results());
+  const bool filtered = absl::StrContains(command, "--benchmark_filter");
+  for (const std::string& name : ds::bench::RegisteredNames()) {
+    if (!filtered && !results.Has(name) && results.Error(name) == "not run") {
+      std::fprintf(stderr, "FAILED %s: no result under its registered name\n", name.c_str());
+      ++failed;
+    }
+  }
   const std::string report = absl::GetFlag(FLAGS_report);
   if (!report.empty()) {
-    ds::bench::WriteReport(report, ds::bench::Report(reporter.results()), command, wall);
+    ds::bench::WriteReport(report, results, command, wall);
     std::printf("wrote %s\n", report.c_str());
   }
   return failed == 0 ? 0 : 1;
