@@ -163,15 +163,22 @@ absl::StatusOr<RandomPipeline> BuildRandomFluxPipeline(const nlohmann::json& tra
       {"use_quant_conv", false},
       {"use_post_quant_conv", false},
   };
+  return BuildRandomFluxPipeline(transformer_config, vae_config, options, 0);
+}
+
+absl::StatusOr<RandomPipeline> BuildRandomFluxPipeline(const nlohmann::json& transformer_config,
+                                                       const nlohmann::json& vae_config,
+                                                       const ModelOptions& options,
+                                                       uint64_t seed) {
   ASSIGN_OR_RETURN(const ModelSpec* flux_spec,
                    ModelRegistry::Global().Find("FluxTransformer2DModel"));
   ASSIGN_OR_RETURN(std::shared_ptr<DiffusionModel> transformer,
-                   BuildRandomModel("FluxTransformer2DModel", transformer_config, options, 0));
+                   BuildRandomModel("FluxTransformer2DModel", transformer_config, options, seed));
   ModelOptions vae_options;
   vae_options.dtype = options.dtype;
   vae_options.device = options.device;
   ASSIGN_OR_RETURN(std::shared_ptr<DiffusionModel> vae,
-                   BuildRandomModel("AutoencoderKL", vae_config, vae_options, 1));
+                   BuildRandomModel("AutoencoderKL", vae_config, vae_options, seed + 1));
   std::shared_ptr<const DiffusionModel> vae_owner = std::move(vae);
   const auto* decoder = dynamic_cast<const LatentImageDecoder*>(vae_owner.get());
   if (decoder == nullptr) return absl::InternalError("AutoencoderKL is no LatentImageDecoder");

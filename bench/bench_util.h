@@ -84,6 +84,11 @@ struct RandomPipeline {
 absl::StatusOr<RandomPipeline> BuildRandomFluxPipeline(const nlohmann::json& transformer_config,
                                                        const std::vector<int64_t>& vae_channels,
                                                        const ModelOptions& options = {});
+// The same with a whole AutoencoderKL config.json; `seed` for the transformer, seed + 1 the VAE.
+absl::StatusOr<RandomPipeline> BuildRandomFluxPipeline(const nlohmann::json& transformer_config,
+                                                       const nlohmann::json& vae_config,
+                                                       const ModelOptions& options,
+                                                       uint64_t seed);
 
 // A request for BuildRandomFluxPipeline's pipeline: random prompt embeddings (seeded), size×size
 // pixels, `steps` steps, latents only (decode false).

@@ -811,7 +811,10 @@ void WriteReport(const std::string& path, const Report& r, const std::string& co
     o << absl::StrFormat(
         "A BFL-format bf16 checkpoint of %.0f MB loaded with LoadSingleFile (bf16): %s vs %s to "
         "read it once = **%.2fx** the read; peak resident growth while loading **%.3fx** the "
-        "file size.\n\n",
+        "file size. Loading in the file's dtype is zero-copy: the weights are views of the "
+        "memory-mapped file, paged in by the first forward, so the load reads only the header "
+        "and checks shapes (bench/single_file_bench.cc also measures a load that touches every "
+        "weight).\n\n",
         r.Counter("single_file/load", "MB"), Ms(r.Sec("single_file/load")),
         Ms(r.Sec("single_file/read")), r.Sec("single_file/load") / r.Sec("single_file/read"),
         r.Counter("single_file/load", "peak_rss_x_file"));
@@ -874,7 +877,9 @@ void WriteReport(const std::string& path, const Report& r, const std::string& co
     << "Block-level groups of 1 block offloaded to memory-mapped files on disk (the CPU "
        "mechanism), read back just before each group runs; 4+8 blocks, 8x64, 1024+128 tokens. "
        "Peak: the offloaded forward's peak resident growth over (one group + the resident "
-       "forward's activations); target <= 1.3.\n\n"
+       "forward's activations); target <= 1.3. In this long-running process the activations "
+       "mostly reuse memory freed earlier, so they add little resident growth; "
+       "bench/group_offloading_bench.cc measures each variant in a fresh process.\n\n"
     << "| variant | time | vs resident | peak / (group + activations) |\n|---|---|---|---|\n";
   for (const char* n : {"offload/resident", "offload/disk", "offload/disk_prefetch"}) {
     if (!r.Has(n)) {

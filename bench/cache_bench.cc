@@ -36,6 +36,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "handlers/block_cache.h"
 #include "handlers/image_decoder.h"
 #include "handlers/lora_host.h"
@@ -64,18 +65,8 @@ ABSL_FLAG(std::string, taylorseer_intervals, "3",
 
 namespace {
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// RoPE axes for a head dim: Flux's (16, 56, 56) scaled to head_dim, every entry even.
-std::vector<int64_t> RopeAxes(int64_t head_dim) {
-  const int64_t first = std::max<int64_t>(2, (head_dim / 8) / 2 * 2);
-  const int64_t rest = head_dim - first;
-  const int64_t second = rest / 2 / 2 * 2;
-  return {first, second, rest - second};
-}
+using ds::bench::Median;
+using ds::bench::RopeAxes;
 
 bool ParseList(const std::string& text, std::vector<double>* out) {
   for (absl::string_view part : absl::StrSplit(text, ',')) {
@@ -92,10 +83,7 @@ int Fail(const absl::Status& s) {
 }
 
 // PSNR of `a` against `b` (both in [0, 1]); infinite when identical.
-double Psnr(const torch::Tensor& a, const torch::Tensor& b) {
-  const double mse = (a.to(torch::kDouble) - b.to(torch::kDouble)).pow(2).mean().item<double>();
-  return mse == 0 ? INFINITY : 10 * std::log10(1.0 / mse);
-}
+double Psnr(const torch::Tensor& a, const torch::Tensor& b) { return ds::bench::Psnr(a, b, 1.0); }
 
 }  // namespace
 
@@ -142,28 +130,11 @@ int main(int argc, char** argv) {
       {"use_quant_conv", false},
       {"use_post_quant_conv", false},
   };
-  auto flux_spec = ds::ModelRegistry::Global().Find("FluxTransformer2DModel");
-  auto vae_spec = ds::ModelRegistry::Global().Find("AutoencoderKL");
-  if (!flux_spec.ok()) return Fail(flux_spec.status());
-  if (!vae_spec.ok()) return Fail(vae_spec.status());
-  auto transformer = (*flux_spec)->factory(transformer_config, ds::ModelOptions{});
-  if (!transformer.ok()) return Fail(transformer.status());
-  auto vae_model = (*vae_spec)->factory(vae_config, ds::ModelOptions{});
-  if (!vae_model.ok()) return Fail(vae_model.status());
   const auto seed = static_cast<uint64_t>(absl::GetFlag(FLAGS_weights_seed));
-  ds::InitRandomWeights((*transformer)->module(), seed);
-  ds::InitRandomWeights((*vae_model)->module(), seed + 1);
-  std::shared_ptr<const ds::DiffusionModel> vae_owner(std::move(vae_model).value());
-  const auto* decoder = dynamic_cast<const ds::LatentImageDecoder*>(vae_owner.get());
-  if (decoder == nullptr) return Fail(absl::InternalError("AutoencoderKL is no decoder"));
-
-  ds::flux::FluxPipelineComponents components;
-  components.transformer = std::make_shared<ds::LoraHost>(
-      std::shared_ptr<ds::DiffusionModel>(std::move(transformer).value()), (*flux_spec)->lora);
-  components.vae = std::shared_ptr<const ds::LatentImageDecoder>(vae_owner, decoder);
-  components.scheduler = ds::FlowMatchEulerConfig::FluxDev();
-  auto pipeline = ds::flux::FluxPipeline::Create(components);
-  if (!pipeline.ok()) return Fail(pipeline.status());
+  auto built =
+      ds::bench::BuildRandomFluxPipeline(transformer_config, vae_config, ds::ModelOptions{}, seed);
+  if (!built.ok()) return Fail(built.status());
+  std::unique_ptr<ds::flux::FluxPipeline>* pipeline = &built->pipeline;
   const ds::flux::FluxConfig& cfg = (*pipeline)->transformer_config();
 
   torch::manual_seed(0);

@@ -25,6 +25,7 @@
 #include "models/flux/pipeline.h"
 #include "models/flux/spec.h"
 #include "models/flux/transformer.h"
+#include "testing/flux_step_util.h"
 
 namespace ds::flux {
 namespace {
@@ -47,36 +48,13 @@ nlohmann::json Config(int64_t num_layers, int64_t num_single_layers) {
 
 std::unique_ptr<FluxTransformer> MakeModel(const nlohmann::json& config,
                                            torch::Dtype dtype = torch::kFloat32) {
-  ModelOptions options;
-  options.dtype = dtype;
-  auto model = FluxTransformer::Create(config, options);
-  EXPECT_TRUE(model.ok()) << model.status();
-  if (!model.ok()) return nullptr;
-  InitRandomWeights((*model)->module(), 11);
-  return std::move(model).value();
+  return test::RandomFluxTransformer(config, dtype, 11);
 }
 
 // The inputs of denoising step `step` of a fake trajectory: the latents drift a little and the
 // timestep falls, as in a sampler.
 TensorMap StepInputs(const FluxConfig& cfg, int step) {
-  torch::manual_seed(5);
-  TensorMap in;
-  const int64_t img = 12, txt = 6;
-  in["hidden_states"] = torch::randn({1, img, cfg.in_channels});
-  in["encoder_hidden_states"] = torch::randn({1, txt, cfg.joint_attention_dim});
-  in["pooled_projections"] = torch::randn({1, cfg.pooled_projection_dim});
-  const torch::Tensor drift = torch::randn({1, img, cfg.in_channels});
-  in["hidden_states"] = in["hidden_states"] + 0.05 * step * drift;
-  in["timestep"] = torch::full({1}, 1.0 - 0.1 * step);
-  torch::Tensor ids = torch::zeros({img, 3});
-  for (int64_t i = 0; i < img; ++i) {
-    ids[i][1] = static_cast<float>(i / 4);
-    ids[i][2] = static_cast<float>(i % 4);
-  }
-  in["img_ids"] = ids;
-  in["txt_ids"] = torch::zeros({txt, 3});
-  in["guidance"] = torch::full({1}, 3.5);
-  return in;
+  return test::TrajectoryStepInputs(cfg, step, 0.1);
 }
 
 absl::StatusOr<torch::Tensor> CachedForward(const FluxTransformer& model, const TensorMap& in,
