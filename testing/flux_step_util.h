@@ -10,18 +10,24 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "handlers/flow_match_scheduler.h"
+#include "handlers/lora_host.h"
 #include "handlers/model.h"
+#include "handlers/pipeline.h"
+#include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/state_dict.h"
 #include "models/flux/config.h"
+#include "models/flux/pipeline.h"
 #include "models/flux/transformer.h"
 
 namespace ds::test {
 
 // A FluxTransformer of `config` in `dtype` with random weights (InitRandomWeights(seed)); null
 // (and a test failure) when the config is refused.
-inline std::unique_ptr<flux::FluxTransformer> RandomFluxTransformer(
-    const nlohmann::json& config, torch::Dtype dtype, uint64_t seed) {
+inline std::unique_ptr<flux::FluxTransformer> RandomFluxTransformer(const nlohmann::json& config,
+                                                                    torch::Dtype dtype,
+                                                                    uint64_t seed) {
   ModelOptions options;
   options.dtype = dtype;
   auto model = flux::FluxTransformer::Create(config, options);
@@ -54,6 +60,39 @@ inline TensorMap TrajectoryStepInputs(const flux::FluxConfig& cfg, int step,
   in["txt_ids"] = torch::zeros({txt, 3});
   in["guidance"] = torch::full({1}, 3.5);
   return in;
+}
+
+// A FluxPipeline of just a random transformer of `config` (InitRandomWeights(seed)) and
+// FLUX.1-dev's scheduler: latents only, requests give prompt embeddings.
+inline absl::StatusOr<std::unique_ptr<flux::FluxPipeline>> TransformerOnlyFluxPipeline(
+    const nlohmann::json& config, uint64_t seed) {
+  auto spec = ModelRegistry::Global().Find("FluxTransformer2DModel");
+  if (!spec.ok()) return spec.status();
+  auto transformer = (*spec)->factory(config, ModelOptions{});
+  if (!transformer.ok()) return transformer.status();
+  InitRandomWeights((*transformer)->module(), seed);
+  flux::FluxPipelineComponents components;
+  components.transformer = std::make_shared<LoraHost>(
+      std::shared_ptr<DiffusionModel>(std::move(transformer).value()), (*spec)->lora);
+  components.scheduler = FlowMatchEulerConfig::FluxDev();
+  return flux::FluxPipeline::Create(components);
+}
+
+// A latents-only request for such a pipeline: 6 prompt tokens (seeded 17), an image two size
+// multiples high and three wide, `steps` steps, noise from `seed`.
+inline PipelineRequest SmallPipelineRequest(const flux::FluxPipeline& pipeline, uint64_t seed,
+                                            int64_t steps) {
+  const PipelineLimits l = pipeline.limits();
+  torch::manual_seed(17);
+  PipelineRequest r;
+  r.prompt_embeds = torch::randn({6, l.prompt_embeds_dim});
+  r.pooled_prompt_embeds = torch::randn({l.pooled_prompt_embeds_dim});
+  r.height = 2 * l.image_size_multiple;
+  r.width = 3 * l.image_size_multiple;
+  r.num_inference_steps = steps;
+  r.seed = seed;
+  r.decode = false;
+  return r;
 }
 
 }  // namespace ds::test

@@ -227,31 +227,13 @@ class FluxPipelineTaylorSeerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     torch::set_num_threads(1);
-    auto spec = ModelRegistry::Global().Find("FluxTransformer2DModel");
-    ASSERT_TRUE(spec.ok()) << spec.status();
-    auto transformer = (*spec)->factory(Config(2, 2), ModelOptions{});
-    ASSERT_TRUE(transformer.ok()) << transformer.status();
-    InitRandomWeights((*transformer)->module(), 3);
-    FluxPipelineComponents components;
-    components.transformer = std::make_shared<LoraHost>(
-        std::shared_ptr<DiffusionModel>(std::move(transformer).value()), (*spec)->lora);
-    components.scheduler = FlowMatchEulerConfig::FluxDev();
-    auto pipeline = FluxPipeline::Create(components);
+    auto pipeline = test::TransformerOnlyFluxPipeline(Config(2, 2), 3);
     ASSERT_TRUE(pipeline.ok()) << pipeline.status();
     pipeline_ = std::move(pipeline).value();
   }
 
   PipelineRequest Request(uint64_t seed, std::optional<BlockCacheConfig> cache) const {
-    const PipelineLimits l = pipeline_->limits();
-    torch::manual_seed(17);
-    PipelineRequest r;
-    r.prompt_embeds = torch::randn({6, l.prompt_embeds_dim});
-    r.pooled_prompt_embeds = torch::randn({l.pooled_prompt_embeds_dim});
-    r.height = 2 * l.image_size_multiple;
-    r.width = 3 * l.image_size_multiple;
-    r.num_inference_steps = kSteps;
-    r.seed = seed;
-    r.decode = false;
+    PipelineRequest r = test::SmallPipelineRequest(*pipeline_, seed, kSteps);
     r.cache = std::move(cache);
     return r;
   }
