@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -203,7 +204,8 @@ struct Ctx {
   torch::ScalarType dtype;  // the model dtype
   bool emulate;             // float32 arithmetic rounded to `dtype` after every operation
   Intermediates* sink;
-  int64_t max_scores;  // attention scores per chunk
+  int64_t max_scores;   // attention scores per chunk
+  bool differentiable;  // out-of-place, autograd-supported operations only (float32)
 
   // Rounds `t` (a fresh result) to the model dtype in place when emulating.
   Tensor R(Tensor t) const {
@@ -260,8 +262,13 @@ Tensor SelfAttention(const Ctx& c, const AttentionImpl& m, const Tensor& x) {
     // are written into a zeroed buffer that is also the input: LibTorch 1.13's small-matrix CPU
     // baddbmm computes result * beta + ... even for beta = 0, reading its (otherwise
     // uninitialized) result buffer, so NaN garbage there leaked into the decode.
-    Tensor scores = torch::zeros({b, n, tokens}, q.options());
-    at::baddbmm_out(scores, scores, qr, kt, /*beta=*/0, /*alpha=*/scale);
+    Tensor scores;
+    if (c.differentiable) {
+      scores = torch::bmm(qr, kt) * scale;  // out= ops have no autograd formula
+    } else {
+      scores = torch::zeros({b, n, tokens}, q.options());
+      at::baddbmm_out(scores, scores, qr, kt, /*beta=*/0, /*alpha=*/scale);
+    }
     scores = c.R(scores);
     const Tensor probs = c.R(torch::softmax(scores.to(torch::kFloat), -1).to(q.scalar_type()));
     scores = Tensor();
@@ -297,10 +304,12 @@ Tensor Up(const Ctx& c, const UpDecoderBlock2DImpl& m, Tensor x) {
   return x;
 }
 
-Ctx MakeCtx(const AutoencoderKLOptions& o, Intermediates* sink) {
+Ctx MakeCtx(const AutoencoderKLOptions& o, Intermediates* sink, bool differentiable) {
+  TORCH_CHECK(!differentiable || o.dtype == torch::kFloat32,
+              "AutoencoderKL: differentiable mode needs a float32 model, got ", o.dtype);
   // LibTorch 1.13's CPU kernels for 16-bit floats are missing or slow: emulate them.
   const bool emulate = o.device.is_cpu() && o.dtype != torch::kFloat32;
-  return Ctx{o.dtype, emulate, sink, o.max_attention_scores};
+  return Ctx{o.dtype, emulate, sink, o.max_attention_scores, differentiable};
 }
 
 // The input in the activations' dtype on the model's device (rounded through the model dtype when
@@ -311,9 +320,15 @@ Tensor Prepare(const Ctx& c, const Tensor& t, const torch::Device& device) {
 
 }  // namespace
 
+void AutoencoderKLImpl::set_differentiable(bool on) {
+  differentiable_ = on;
+  for (Tensor& p : parameters()) p.requires_grad_(on);
+}
+
 Tensor AutoencoderKLImpl::decode(const Tensor& z, Intermediates* sink) const {
-  c10::InferenceMode inference;
-  const Ctx c = MakeCtx(options_, sink);
+  std::optional<c10::InferenceMode> inference;
+  if (!differentiable_) inference.emplace();
+  const Ctx c = MakeCtx(options_, sink, differentiable_);
   Tensor x = Prepare(c, z, options_.device);
   if (post_quant_conv) {
     x = Conv(c, *post_quant_conv, x);
@@ -336,8 +351,9 @@ Tensor AutoencoderKLImpl::decode(const Tensor& z, Intermediates* sink) const {
 }
 
 Posterior AutoencoderKLImpl::encode(const Tensor& image, Intermediates* sink) const {
-  c10::InferenceMode inference;
-  const Ctx c = MakeCtx(options_, sink);
+  std::optional<c10::InferenceMode> inference;
+  if (!differentiable_) inference.emplace();
+  const Ctx c = MakeCtx(options_, sink, differentiable_);
   const EncoderImpl& e = *encoder;
   Tensor x = Conv(c, *e.conv_in, Prepare(c, image, options_.device));
   c.Capture("encoder.conv_in", x);

@@ -19,7 +19,7 @@
 // run natively with the softmax in float32.
 //
 // Thread-safety: decode()/encode() are const and may run concurrently from many threads; they only
-// read the parameters. Loading weights needs exclusive access.
+// read the parameters. Loading weights and set_differentiable() need exclusive access.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -251,8 +251,8 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // diffusers' AutoencoderKL.decode(z).sample: z [B, latent_channels, h, w] (any float dtype and
   // device; already `latents / scaling_factor + shift_factor`, as pipelines pass it) -> image
   // [B, out_channels, h·s, w·s] (s = config().scale_factor()) in the model dtype, roughly in
-  // [-1, 1]. Runs under torch::InferenceMode. Shapes are not validated here (AutoencoderKLModel
-  // does); LibTorch throws c10::Error on a mismatch.
+  // [-1, 1]. Runs under torch::InferenceMode (unless differentiable()). Shapes are not validated
+  // here (AutoencoderKLModel does); LibTorch throws c10::Error on a mismatch.
   torch::Tensor decode(const torch::Tensor& z, Intermediates* intermediates = nullptr) const;
 
   // diffusers' AutoencoderKL.encode(x).latent_dist: x [B, in_channels, H, W] (any float dtype and
@@ -264,6 +264,21 @@ class AutoencoderKLImpl : public torch::nn::Module {
   torch::Dtype dtype() const { return options_.dtype; }
   torch::Device device() const { return options_.device; }
 
+  // Differentiable mode (training): when on, forward passes run outside InferenceMode with
+  // autograd-supported, out-of-place operations only, so gradients flow to the parameters (and
+  // inputs); the results equal the default path's (float32) up to rounding. Off by default.
+  // Not thread-safe: set it before running, never while forwards run.
+  //
+  // Both encode() and decode() honour it (training runs encode -> Posterior -> reparameterized
+  // sample -> decode; the posterior's mean and logvar carry gradients). The only operation that
+  // differs is the mid-block attention's score product (bmm then scale instead of baddbmm into a
+  // reused buffer). Parameters are created with requires_grad false; setting the mode also sets
+  // every parameter's requires_grad to `on` (freeze parameters selectively afterwards). float32
+  // models only: encode()/decode() throw c10::Error in differentiable mode for a 16-bit model (the
+  // CPU emulation rounds in place). Intermediates captured in this mode are part of the graph.
+  void set_differentiable(bool on);
+  bool differentiable() const { return differentiable_; }
+
   Encoder encoder{nullptr};
   Decoder decoder{nullptr};
   Conv2d quant_conv{nullptr};       // null unless config.use_quant_conv
@@ -271,6 +286,7 @@ class AutoencoderKLImpl : public torch::nn::Module {
 
  private:
   AutoencoderKLOptions options_;
+  bool differentiable_ = false;
 };
 TORCH_MODULE(AutoencoderKL);
 

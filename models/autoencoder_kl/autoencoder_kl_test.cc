@@ -1,5 +1,6 @@
 // AutoencoderKL: config parsing, module structure (diffusers names), validation of inputs, folder
-// loading errors, and the spec's registration and metadata.
+// loading errors, the spec's registration and metadata, and the differentiable (training) mode:
+// equal to the inference path, gradients for every parameter, finite-difference checks.
 #include "models/autoencoder_kl/autoencoder_kl.h"
 
 #include <gmock/gmock.h>
@@ -282,6 +283,159 @@ TEST(AutoencoderKLTest, AttentionChunkingDoesNotChangeTheResult) {
   EXPECT_TRUE(close(ya, yb));
   const torch::Tensor x = torch::rand({1, 3, 10, 6});
   EXPECT_TRUE(close(a->encode(x).mean, b->encode(x).mean));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differentiable (training) mode
+
+// max |u - v| <= tol * max |u| (the output scale; elementwise relative tests are meaningless near
+// zero).
+::testing::AssertionResult CloseToScale(const torch::Tensor& u, const torch::Tensor& v,
+                                        double tol) {
+  const double scale = std::max(u.abs().max().item<double>(), 1e-30);
+  const double diff = (u.detach() - v.detach()).abs().max().item<double>();
+  return ::testing::AssertionResult(diff <= tol * scale)
+         << "max |diff| " << diff << " vs max |value| " << scale;
+}
+
+// A float32 tiny VAE whose mid-block attention runs in several chunks in both modes (encoder and
+// decoder mid blocks: 2 images x 16 tokens; 64 scores per chunk = 2 query rows, 8 chunks).
+AutoencoderKL ChunkedTinyVae() {
+  auto cfg = AutoencoderKLConfig::FromJson(TinyConfig());
+  EXPECT_TRUE(cfg.ok()) << cfg.status();
+  AutoencoderKLOptions options{*cfg};
+  options.max_attention_scores = 64;
+  AutoencoderKL vae(options);
+  InitRandomWeights(*vae, 13);
+  return vae;
+}
+
+// The training objective: encode -> reparameterized sample (fixed noise) -> decode, weighted by
+// fixed random coefficients (so no parameter's gradient vanishes by symmetry), plus a KL-like term
+// on the posterior.
+torch::Tensor TrainingLoss(const AutoencoderKLImpl& vae, const torch::Tensor& x,
+                           const torch::Tensor& noise, const torch::Tensor& weights) {
+  const Posterior p = vae.encode(x);
+  const torch::Tensor z = p.mean + torch::exp(0.5 * p.logvar) * noise;
+  const torch::Tensor y = vae.decode(z);
+  const torch::Tensor kl = 0.5 * (p.mean.pow(2) + p.logvar.exp() - 1 - p.logvar).mean();
+  return (y * weights).sum() + 0.1 * kl;
+}
+
+TEST(AutoencoderKLDifferentiableTest, ForwardEqualsTheInferencePathAndToggles) {
+  AutoencoderKL vae = ChunkedTinyVae();
+  EXPECT_FALSE(vae->differentiable());
+  for (const auto& p : vae->parameters()) ASSERT_FALSE(p.requires_grad());
+  torch::manual_seed(3);
+  const torch::Tensor x = torch::rand({2, 3, 8, 8}) * 2 - 1;
+  const torch::Tensor z = torch::randn({2, 2, 4, 4});
+  Intermediates inference_captures;
+  const Posterior pi = vae->encode(x);
+  const torch::Tensor yi = vae->decode(z, &inference_captures);
+  EXPECT_TRUE(yi.is_inference());
+
+  vae->set_differentiable(true);
+  EXPECT_TRUE(vae->differentiable());
+  for (const auto& p : vae->parameters()) ASSERT_TRUE(p.requires_grad());
+  Intermediates captures;
+  const Posterior pd = vae->encode(x);
+  const torch::Tensor yd = vae->decode(z, &captures);
+  EXPECT_FALSE(yd.is_inference());
+  EXPECT_TRUE(yd.requires_grad());
+  EXPECT_TRUE(pd.mean.requires_grad());
+  EXPECT_TRUE(pd.logvar.requires_grad());
+  EXPECT_TRUE(CloseToScale(yi, yd, 1e-5));
+  EXPECT_TRUE(CloseToScale(pi.mean, pd.mean, 1e-5));
+  EXPECT_TRUE(CloseToScale(pi.logvar, pd.logvar, 1e-5));
+  ASSERT_EQ(captures.size(), inference_captures.size());
+  for (const auto& [name, t] : inference_captures) {
+    ASSERT_TRUE(captures.count(name)) << name;
+    EXPECT_TRUE(CloseToScale(t, captures.at(name), 1e-5)) << name;
+  }
+
+  // Back to the default: bit-identical to the first inference run, parameters frozen again.
+  vae->set_differentiable(false);
+  for (const auto& p : vae->parameters()) ASSERT_FALSE(p.requires_grad());
+  EXPECT_TRUE(torch::equal(vae->decode(z), yi));
+  EXPECT_TRUE(torch::equal(vae->encode(x).mean, pi.mean));
+}
+
+TEST(AutoencoderKLDifferentiableTest, EveryParameterAndTheInputGetAFiniteGradient) {
+  AutoencoderKL vae = ChunkedTinyVae();
+  vae->set_differentiable(true);
+  torch::manual_seed(4);
+  const torch::Tensor x = (torch::rand({2, 3, 8, 8}) * 2 - 1).requires_grad_(true);
+  const torch::Tensor noise = torch::randn({2, 2, 4, 4});
+  const torch::Tensor weights = torch::randn({2, 3, 8, 8});
+  TrainingLoss(*vae, x, noise, weights).backward();
+  int64_t count = 0, nonzero = 0;
+  for (const auto& item : vae->named_parameters()) {
+    const torch::Tensor& g = item.value().grad();
+    ASSERT_TRUE(g.defined()) << item.key();
+    EXPECT_TRUE(torch::isfinite(g).all().item<bool>()) << item.key();
+    EXPECT_EQ(g.sizes(), item.value().sizes()) << item.key();
+    ++count;
+    if (g.abs().max().item<double>() > 0) {
+      ++nonzero;
+    } else {
+      ADD_FAILURE() << item.key() << " has an all-zero gradient";
+    }
+  }
+  EXPECT_GT(count, 50);
+  EXPECT_EQ(nonzero, count);
+  ASSERT_TRUE(x.grad().defined());
+  EXPECT_TRUE(torch::isfinite(x.grad()).all().item<bool>());
+  EXPECT_GT(x.grad().abs().max().item<double>(), 0);
+}
+
+TEST(AutoencoderKLDifferentiableTest, GradientMatchesFiniteDifferences) {
+  AutoencoderKL vae = ChunkedTinyVae();
+  vae->set_differentiable(true);
+  torch::manual_seed(5);
+  const torch::Tensor x = torch::rand({2, 3, 8, 8}) * 2 - 1;
+  const torch::Tensor noise = torch::randn({2, 2, 4, 4});
+  const torch::Tensor weights = torch::randn({2, 3, 8, 8});
+  TrainingLoss(*vae, x, noise, weights).backward();
+  const auto params = vae->named_parameters();
+  // The attentions' query and value projections (the score product is the one operation that
+  // differs between the paths), an encoder convolution and a decoder GroupNorm scale.
+  for (const char* name :
+       {"decoder.mid_block.attentions.0.to_q.weight", "encoder.mid_block.attentions.0.to_v.weight",
+        "encoder.conv_in.weight", "decoder.up_blocks.1.resnets.0.norm1.weight"}) {
+    SCOPED_TRACE(name);
+    ASSERT_NE(params.find(name), nullptr);
+    torch::Tensor p = params[name];
+    // The entry with the largest gradient, so that float32 rounding of the loss stays far below
+    // the difference being measured.
+    const torch::Tensor flat_grad = p.grad().reshape({-1});
+    const int64_t k = flat_grad.abs().argmax().item<int64_t>();
+    const double analytic = flat_grad[k].item<double>();
+    ASSERT_NE(analytic, 0.0);
+    const double h = 1e-2;
+    auto loss_at = [&](double delta) {
+      torch::NoGradGuard no_grad;
+      const torch::Tensor entry = p.view({-1}).narrow(0, k, 1);
+      const torch::Tensor saved = entry.clone();
+      entry.add_(delta);
+      const double loss = TrainingLoss(*vae, x, noise, weights).item<double>();
+      entry.copy_(saved);
+      return loss;
+    };
+    const double numeric = (loss_at(h) - loss_at(-h)) / (2 * h);
+    EXPECT_NEAR(numeric, analytic, 2e-2 * std::abs(analytic)) << "entry " << k;
+  }
+}
+
+TEST(AutoencoderKLDifferentiableTest, SixteenBitModelsAreRefused) {
+  auto cfg = AutoencoderKLConfig::FromJson(TinyConfig());
+  ASSERT_TRUE(cfg.ok());
+  AutoencoderKL vae(AutoencoderKLOptions{*cfg, torch::kBFloat16});
+  InitRandomWeights(*vae, 1);
+  vae->set_differentiable(true);
+  EXPECT_THROW(vae->decode(torch::randn({1, 2, 2, 2})), c10::Error);
+  EXPECT_THROW(vae->encode(torch::randn({1, 3, 4, 4})), c10::Error);
+  vae->set_differentiable(false);
+  EXPECT_EQ(vae->decode(torch::randn({1, 2, 2, 2})).scalar_type(), torch::kBFloat16);
 }
 
 TEST(AutoencoderKLTest, FolderErrorsNameTheKey) {

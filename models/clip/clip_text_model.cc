@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -171,9 +172,19 @@ Tensor Attention(const Ctx& c, const CLIPAttentionImpl& m, const CLIPTextConfig&
 
 }  // namespace
 
+void CLIPTextModelImpl::set_differentiable(bool on) {
+  differentiable_ = on;
+  for (Tensor& p : parameters()) p.requires_grad_(on);
+}
+
 TextEncoderOutput CLIPTextModelImpl::Encode(const Tensor& input_ids, const Tensor& attention_mask,
                                             bool output_hidden_states) const {
-  c10::InferenceMode inference;
+  // Differentiable mode only drops the guard: the float32 path below has no in-place operation on
+  // activations (Ctx::R rounds in place only when emulating 16-bit, refused here).
+  TORCH_CHECK(!differentiable_ || options_.dtype == torch::kFloat32,
+              "CLIPTextModel: differentiable mode needs a float32 model, got ", options_.dtype);
+  std::optional<c10::InferenceMode> inference;
+  if (!differentiable_) inference.emplace();
   const CLIPTextConfig& cfg = options_.config;
   const Ctx c{options_.dtype, options_.device.is_cpu() && options_.dtype != torch::kFloat32};
   const CLIPTextTransformerImpl& t = *text_model;

@@ -20,7 +20,7 @@
 // dtype after every operation; LibTorch 1.13 has no 16-bit CPU matmul for float16).
 //
 // Thread-safety: Encode() is const and may run concurrently from many threads; it only reads the
-// parameters. Loading weights needs exclusive access.
+// parameters. Loading weights and set_differentiable() need exclusive access.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -148,7 +148,8 @@ class CLIPTextModelImpl : public torch::nn::Module {
   // max_position_embeddings), attention_mask [B, L] (float on the model's device, 1 = token,
   // 0 = padding) or undefined. `pooled` is pooler_output, or text_embeds with the projection;
   // hidden_states (when asked): the embeddings and each layer's output, the last one before
-  // final_layer_norm. Runs under torch::InferenceMode. Inputs are not validated here
+  // final_layer_norm. Runs under torch::InferenceMode (unless differentiable()). Inputs are not
+  // validated here
   // (ClipTextEncoder does); LibTorch throws c10::Error on a mismatch.
   TextEncoderOutput Encode(const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
                            bool output_hidden_states) const;
@@ -156,11 +157,26 @@ class CLIPTextModelImpl : public torch::nn::Module {
   const CLIPTextConfig& config() const { return options_.config; }
   bool with_projection() const { return options_.with_projection; }
 
+  // Differentiable mode (training): when on, forward passes run outside InferenceMode with
+  // autograd-supported, out-of-place operations only, so gradients flow to the parameters (and
+  // inputs); the results equal the default path's (float32) up to rounding. Off by default.
+  // Not thread-safe: set it before running, never while forwards run.
+  //
+  // The float32 forward already uses out-of-place operations only, so the mode changes nothing
+  // but the InferenceMode guard; every output of Encode() (last_hidden_state, pooled,
+  // hidden_states) carries gradients. Parameters are created with requires_grad false; setting
+  // the mode also sets every parameter's requires_grad to `on` (freeze parameters selectively
+  // afterwards). float32 models only: Encode() throws c10::Error in differentiable mode for a
+  // 16-bit model (the CPU emulation rounds in place).
+  void set_differentiable(bool on);
+  bool differentiable() const { return differentiable_; }
+
   CLIPTextTransformer text_model{nullptr};
   Linear text_projection{nullptr};  // null unless with_projection
 
  private:
   CLIPTextModelOptions options_;
+  bool differentiable_ = false;
 };
 TORCH_MODULE(CLIPTextModel);
 
@@ -206,6 +222,8 @@ class ClipTextEncoder final : public ds::DiffusionModel, public ds::TextEncoder 
 
   const CLIPTextConfig& clip_config() const { return model_->config(); }
   const CLIPTextModel& clip() const { return model_; }
+  // The module, e.g. to set_differentiable() (exclusive access, as for loading weights).
+  CLIPTextModel& clip() { return model_; }
 
  private:
   ClipTextEncoder(std::string class_name, nlohmann::json config_json, ds::ModelOptions options,

@@ -1,9 +1,11 @@
 // CLIPTextModel without fixtures: config parsing and its errors, input validation, a non-golden
 // config with random weights (shapes, both pooling rules, causality, the padding mask, the
-// projection), folder loading errors and the specs' metadata.
+// projection), folder loading errors, the specs' metadata, and the differentiable (training) mode:
+// equal to the inference path, gradients for every parameter, finite-difference checks.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
 
@@ -182,6 +184,153 @@ TEST(ClipTextModelTest, BadInputsNameTheTensor) {
   auto forward = model->Forward({{"input_ids", torch::zeros({1, 3}, torch::kInt)}});
   ASSERT_TRUE(forward.ok()) << forward.status();
   EXPECT_EQ(forward->sizes(), (std::vector<int64_t>{1, 3, 48}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differentiable (training) mode
+
+// max |u - v| <= tol * max |u| (the output scale).
+::testing::AssertionResult CloseToScale(const torch::Tensor& u, const torch::Tensor& v,
+                                        double tol) {
+  const double scale = std::max(u.abs().max().item<double>(), 1e-30);
+  const double diff = (u.detach() - v.detach()).abs().max().item<double>();
+  return ::testing::AssertionResult(diff <= tol * scale)
+         << "max |diff| " << diff << " vs max |value| " << scale;
+}
+
+// Two prompts, the second padded (mask 0) after its eos.
+struct Batch {
+  torch::Tensor ids = torch::tensor({{98, 5, 17, 42, 3, 2, 99, 7}, {98, 40, 41, 99, 0, 0, 0, 0}});
+  torch::Tensor mask = torch::tensor({{1, 1, 1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 0, 0, 0, 0}});
+};
+
+// A scalar of every output (fixed random coefficients, so no gradient vanishes by symmetry).
+torch::Tensor Loss(const TextEncoderOutput& out, const torch::Tensor& w_hidden,
+                   const torch::Tensor& w_pooled) {
+  return (out.last_hidden_state * w_hidden).sum() + (out.pooled * w_pooled).sum();
+}
+
+TEST(ClipDifferentiableTest, ForwardEqualsTheInferencePathAndToggles) {
+  auto model = Random(SmallConfig(), kCLIPTextModelWithProjectionClassName);
+  ASSERT_NE(model, nullptr);
+  CLIPTextModelImpl& clip = *model->clip();
+  EXPECT_FALSE(clip.differentiable());
+  for (const auto& p : clip.parameters()) ASSERT_FALSE(p.requires_grad());
+  const Batch batch;
+  auto inference = model->EncodeTokens(batch.ids, batch.mask, true);
+  ASSERT_TRUE(inference.ok()) << inference.status();
+  EXPECT_TRUE(inference->last_hidden_state.is_inference());
+
+  clip.set_differentiable(true);
+  EXPECT_TRUE(clip.differentiable());
+  for (const auto& p : clip.parameters()) ASSERT_TRUE(p.requires_grad());
+  auto trained = model->EncodeTokens(batch.ids, batch.mask, true);
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  EXPECT_FALSE(trained->last_hidden_state.is_inference());
+  EXPECT_TRUE(trained->last_hidden_state.requires_grad());
+  EXPECT_TRUE(trained->pooled.requires_grad());
+  EXPECT_TRUE(CloseToScale(inference->last_hidden_state, trained->last_hidden_state, 1e-5));
+  EXPECT_TRUE(CloseToScale(inference->pooled, trained->pooled, 1e-5));
+  ASSERT_EQ(trained->hidden_states.size(), inference->hidden_states.size());
+  for (size_t i = 0; i < trained->hidden_states.size(); ++i) {
+    EXPECT_TRUE(CloseToScale(inference->hidden_states[i], trained->hidden_states[i], 1e-5)) << i;
+  }
+
+  clip.set_differentiable(false);
+  for (const auto& p : clip.parameters()) ASSERT_FALSE(p.requires_grad());
+  auto again = model->EncodeTokens(batch.ids, batch.mask, false);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(torch::equal(again->last_hidden_state, inference->last_hidden_state));
+  EXPECT_TRUE(torch::equal(again->pooled, inference->pooled));
+}
+
+TEST(ClipDifferentiableTest, EveryParameterGetsAFiniteGradient) {
+  auto model = Random(SmallConfig(), kCLIPTextModelWithProjectionClassName);
+  ASSERT_NE(model, nullptr);
+  CLIPTextModelImpl& clip = *model->clip();
+  clip.set_differentiable(true);
+  const Batch batch;
+  torch::manual_seed(6);
+  const torch::Tensor w_hidden = torch::randn({2, 8, 48});
+  const torch::Tensor w_pooled = torch::randn({2, 24});
+  auto out = model->EncodeTokens(batch.ids, batch.mask);
+  ASSERT_TRUE(out.ok()) << out.status();
+  Loss(*out, w_hidden, w_pooled).backward();
+  int64_t count = 0;
+  for (const auto& item : clip.named_parameters()) {
+    const torch::Tensor& g = item.value().grad();
+    ASSERT_TRUE(g.defined()) << item.key();
+    EXPECT_EQ(g.sizes(), item.value().sizes()) << item.key();
+    EXPECT_TRUE(torch::isfinite(g).all().item<bool>()) << item.key();
+    EXPECT_GT(g.abs().max().item<double>(), 0) << item.key() << " has an all-zero gradient";
+    ++count;
+  }
+  EXPECT_EQ(count, 2 + 3 * 16 + 2 + 1);  // embeddings, 3 layers, final_layer_norm, projection
+  // Rows of unused ids and positions get exactly zero; used ones do not.
+  const torch::Tensor token_grad = clip.text_model->embeddings->token_embedding->weight.grad();
+  EXPECT_EQ(token_grad[50].abs().max().item<double>(), 0.0);
+  EXPECT_GT(token_grad[17].abs().max().item<double>(), 0.0);
+  const torch::Tensor position_grad =
+      clip.text_model->embeddings->position_embedding->weight.grad();
+  EXPECT_EQ(position_grad.narrow(0, 8, 12).abs().max().item<double>(), 0.0);
+  EXPECT_GT(position_grad[7].abs().max().item<double>(), 0.0);
+}
+
+TEST(ClipDifferentiableTest, GradientMatchesFiniteDifferences) {
+  auto model = Random(SmallConfig(), kCLIPTextModelWithProjectionClassName);
+  ASSERT_NE(model, nullptr);
+  CLIPTextModelImpl& clip = *model->clip();
+  clip.set_differentiable(true);
+  const Batch batch;
+  torch::manual_seed(7);
+  const torch::Tensor w_hidden = torch::randn({2, 8, 48});
+  const torch::Tensor w_pooled = torch::randn({2, 24});
+  auto loss = [&] {
+    auto out = model->EncodeTokens(batch.ids, batch.mask);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return Loss(*out, w_hidden, w_pooled);
+  };
+  loss().backward();
+  const auto params = clip.named_parameters();
+  for (const char* name : {"text_model.encoder.layers.1.self_attn.q_proj.weight",
+                           "text_model.encoder.layers.0.mlp.fc1.weight",
+                           "text_model.embeddings.token_embedding.weight",
+                           "text_model.encoder.layers.2.layer_norm1.weight"}) {
+    SCOPED_TRACE(name);
+    ASSERT_NE(params.find(name), nullptr);
+    torch::Tensor p = params[name];
+    // The entry with the largest gradient, so that float32 rounding of the loss stays far below
+    // the difference being measured.
+    const torch::Tensor flat_grad = p.grad().reshape({-1});
+    const int64_t k = flat_grad.abs().argmax().item<int64_t>();
+    const double analytic = flat_grad[k].item<double>();
+    ASSERT_NE(analytic, 0.0);
+    const double h = 1e-2;
+    auto loss_at = [&](double delta) {
+      torch::NoGradGuard no_grad;
+      const torch::Tensor entry = p.view({-1}).narrow(0, k, 1);
+      const torch::Tensor saved = entry.clone();
+      entry.add_(delta);
+      const double value = loss().item<double>();
+      entry.copy_(saved);
+      return value;
+    };
+    const double numeric = (loss_at(h) - loss_at(-h)) / (2 * h);
+    EXPECT_NEAR(numeric, analytic, 2e-2 * std::abs(analytic)) << "entry " << k;
+  }
+}
+
+TEST(ClipDifferentiableTest, SixteenBitModelsAreRefused) {
+  auto cfg = CLIPTextConfig::FromJson(SmallConfig());
+  ASSERT_TRUE(cfg.ok());
+  CLIPTextModel clip(CLIPTextModelOptions{*cfg, false, torch::kBFloat16});
+  InitRandomWeights(*clip, 1);
+  clip->set_differentiable(true);
+  const torch::Tensor ids = torch::tensor({{98, 4, 99}});
+  EXPECT_THROW(clip->Encode(ids, torch::Tensor(), false), c10::Error);
+  clip->set_differentiable(false);
+  EXPECT_EQ(clip->Encode(ids, torch::Tensor(), false).last_hidden_state.scalar_type(),
+            torch::kBFloat16);
 }
 
 TEST(ClipTextModelTest, FolderErrorsNameTheKey) {

@@ -193,6 +193,13 @@ FluxTransformer2DModelImpl::FluxTransformer2DModelImpl(const FluxTransformer2DMo
   }
 }
 
+void FluxTransformer2DModelImpl::set_differentiable(bool on) {
+  differentiable_ = on;
+  for (torch::Tensor& p : parameters()) {
+    if (p.is_floating_point()) p.set_requires_grad(on);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -207,6 +214,9 @@ struct Ctx {
   bool emulate;  // float32 arithmetic rounded to `dtype`, see FluxTransformer2DModelImpl::forward
   Intermediates* sink;
   const ds::LoraContext* lora;  // nullptr: no adapters
+  // Differentiable mode (FluxTransformer2DModelImpl::set_differentiable): out-of-place,
+  // autograd-supported operations only.
+  bool grad = false;
   // Attention score workspace, reused by every block of this forward (see Attention()).
   mutable Tensor scores;
 
@@ -254,6 +264,14 @@ Tensor Leading(const Tensor& x, int64_t width) {
 // y += Σ scale · (B (A x) + bias) over the deltas, accumulated in place into y [..., out] (whose
 // last dimension must be contiguous with rows of stride y.size(-1) or wider).
 void AddLora(const Ctx& c, const ds::LinearLora& lora, const Tensor& x, Tensor& y) {
+  if (c.grad) {
+    for (const ds::LoraDelta& d : lora.deltas) {
+      Tensor t = at::linear(at::linear(Leading(x, d.down.size(1)), d.down), d.up);
+      if (d.bias.defined()) t = t + d.bias;
+      y = y + t * d.scale;
+    }
+    return;
+  }
   const int64_t out = y.size(-1);
   Tensor y2 = y.dim() == 2 ? y : y.view({-1, out});
   for (const ds::LoraDelta& d : lora.deltas) {
@@ -278,6 +296,13 @@ Tensor Lin(const Ctx& c, const LinearImpl& l, const Tensor& x_in) {
 
 Tensor SiLU(const Ctx& c, const Tensor& x) { return c.R(at::silu(x)); }
 
+// tanh-approximated GELU of the fresh tensor `x`: in place, or out of place when differentiable.
+Tensor GeluTanh(const Ctx& c, Tensor x) {
+  if (c.grad) return at::gelu(x, "tanh");
+  at::gelu_(x, "tanh");
+  return c.R(x);
+}
+
 Tensor LayerNorm(const Ctx& c, const torch::nn::LayerNormImpl& norm, const Tensor& x) {
   return c.R(at::layer_norm(x, norm.options.normalized_shape(), {}, {}, norm.options.eps()));
 }
@@ -286,12 +311,17 @@ Tensor LayerNorm(const Ctx& c, const torch::nn::LayerNormImpl& norm, const Tenso
 // are [B, D].
 Tensor Modulate(const Ctx& c, Tensor x_norm, const Tensor& scale, const Tensor& shift) {
   const Tensor scale1 = c.R(scale.unsqueeze(1) + 1);
+  if (c.grad) return at::addcmul(shift.unsqueeze(1), x_norm, scale1);
   at::addcmul_out(x_norm, shift.unsqueeze(1), x_norm, scale1);
   return c.R(x_norm);
 }
 
 // x += gate[:, None] · y, in place.
 void GatedAdd(const Ctx& c, Tensor& x, const Tensor& gate, const Tensor& y) {
+  if (c.grad) {
+    x = at::addcmul(x, gate.unsqueeze(1), y);
+    return;
+  }
   x.addcmul_(gate.unsqueeze(1), y);
   c.R(x);
 }
@@ -300,6 +330,10 @@ void GatedAdd(const Ctx& c, Tensor& x, const Tensor& gate, const Tensor& y) {
 // the model dtype, then multiplied by the weight in the model dtype.
 Tensor RMS(const Ctx& c, const RMSNormImpl& n, const Tensor& x) {
   const Tensor xf = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
+  if (c.grad) {
+    const Tensor inv = (xf.square().mean(-1, /*keepdim=*/true) + n.eps).rsqrt();
+    return xf * inv * c.W(c.P(n.path, ".weight", n.weight));
+  }
   // mean(x²) as ‖x‖²/d: one pass over x without materializing x².
   const Tensor inv = at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true)
                          .square_()
@@ -375,8 +409,17 @@ void Attention(const Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, 
   c.R(out);
 }
 
+// softmax(q kᵀ / √d) v for q, k, v [B, S, H, d] as out-of-place, differentiable products;
+// returns [B, S, H, d].
+Tensor DifferentiableAttention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  const Tensor s = at::matmul(q.transpose(1, 2), k.permute({0, 2, 3, 1})) * scale;
+  return at::matmul(at::softmax(s, -1), v.transpose(1, 2)).transpose(1, 2);
+}
+
 Tensor Embed(const Ctx& c, const EmbedderImpl& e, const Tensor& x) {
   Tensor h = Lin(c, *e.linear_1, x);
+  if (c.grad) return Lin(c, *e.linear_2, at::silu(h)).to(x.device());
   at::silu_(h);
   return Lin(c, *e.linear_2, c.R(h)).to(x.device());  // device map: back beside the input
 }
@@ -447,8 +490,13 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
                    1);
     const Tensor v = torch::cat(
         {Heads(Lin(c, *attn.add_v_proj, ne), heads), Heads(Lin(c, *attn.to_v, nh), heads)}, 1);
-    Tensor o = torch::empty({batch, s_txt + s_img, heads, attn.head_dim}, q.options());
-    Attention(c, Rope(c, q, freqs), Rope(c, k, freqs), v, o);
+    Tensor o;
+    if (c.grad) {
+      o = DifferentiableAttention(Rope(c, q, freqs), Rope(c, k, freqs), v).contiguous();
+    } else {
+      o = torch::empty({batch, s_txt + s_img, heads, attn.head_dim}, q.options());
+      Attention(c, Rope(c, q, freqs), Rope(c, k, freqs), v, o);
+    }
     o = o.view({batch, s_txt + s_img, heads * attn.head_dim});
     attn_h = Lin(c, *attn.to_out_0, o.narrow(1, s_txt, s_img));
     attn_e = Lin(c, *attn.to_add_out, o.narrow(1, 0, s_txt));
@@ -465,22 +513,26 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
 
   GatedAdd(c, h, m[2], attn_h);
   {
-    Tensor x = Lin(c, *blk.ff->net_0->proj, Modulate(c, LayerNorm(c, *blk.norm2, h), m[4], m[3]));
-    at::gelu_(x, "tanh");
-    GatedAdd(c, h, m[5], Lin(c, *blk.ff->net_2, c.R(x)));
+    const Tensor x = GeluTanh(
+        c, Lin(c, *blk.ff->net_0->proj, Modulate(c, LayerNorm(c, *blk.norm2, h), m[4], m[3])));
+    GatedAdd(c, h, m[5], Lin(c, *blk.ff->net_2, x));
   }
   if (ip_active) {
     // diffusers: hidden_states + ip_attn_output after the MLP, ungated.
     c.Capture(name + ".attn.ip_attn_output", ip_out);
-    h.add_(ip_out);
-    c.R(h);
+    if (c.grad) {
+      h = h + ip_out;
+    } else {
+      h.add_(ip_out);
+      c.R(h);
+    }
   }
   GatedAdd(c, e, mc[2], attn_e);
   {
-    Tensor x = Lin(c, *blk.ff_context->net_0->proj,
-                   Modulate(c, LayerNorm(c, *blk.norm2_context, e), mc[4], mc[3]));
-    at::gelu_(x, "tanh");
-    GatedAdd(c, e, mc[5], Lin(c, *blk.ff_context->net_2, c.R(x)));
+    const Tensor x =
+        GeluTanh(c, Lin(c, *blk.ff_context->net_0->proj,
+                        Modulate(c, LayerNorm(c, *blk.norm2_context, e), mc[4], mc[3])));
+    GatedAdd(c, e, mc[5], Lin(c, *blk.ff_context->net_2, x));
   }
   if (c.dtype == torch::kHalf) e.clamp_(-65504, 65504);
   c.Capture(name + ".0", e);
@@ -496,8 +548,7 @@ std::pair<Tensor, Tensor> DoubleBlock(const Ctx& c, const FluxTransformerBlockIm
 // when the state is not computing.
 void SingleBlock(const Ctx& c, const FluxSingleTransformerBlockImpl& blk, Tensor& x,
                  const Tensor& silu_temb, const Tensor& freqs, int64_t s_txt,
-                 const std::string& name, ds::TaylorSeerState* taylor = nullptr,
-                 int64_t slot = 0) {
+                 const std::string& name, ds::TaylorSeerState* taylor = nullptr, int64_t slot = 0) {
   const FluxAttentionImpl& attn = *blk.attn;
   const int64_t batch = x.size(0), seq = x.size(1), dim = x.size(2);
   const int64_t mlp = blk.proj_mlp->weight.size(0);
@@ -506,6 +557,22 @@ void SingleBlock(const Ctx& c, const FluxSingleTransformerBlockImpl& blk, Tensor
   const Tensor nx = Modulate(c, LayerNorm(c, *blk.norm->norm, x), m[1], m[0]);
   c.Capture(name + ".norm.0", nx);
   c.Capture(name + ".norm.1", m[2]);
+
+  if (c.grad) {
+    const int64_t heads = attn.heads;
+    const Tensor q = Rope(c, RMS(c, *attn.norm_q, Heads(Lin(c, *attn.to_q, nx), heads)), freqs);
+    const Tensor k = Rope(c, RMS(c, *attn.norm_k, Heads(Lin(c, *attn.to_k, nx), heads)), freqs);
+    const Tensor v = Heads(Lin(c, *attn.to_v, nx), heads);
+    const Tensor a = DifferentiableAttention(q, k, v).reshape({batch, seq, dim});
+    c.Capture(name + ".attn", a);
+    const Tensor joint = torch::cat({a, GeluTanh(c, Lin(c, *blk.proj_mlp, nx))}, 2);
+    GatedAdd(c, x, m[2], Lin(c, *blk.proj_out, joint));
+    if (c.capturing()) {
+      c.Capture(name + ".0", x.narrow(1, 0, s_txt));
+      c.Capture(name + ".1", x.narrow(1, s_txt, seq - s_txt));
+    }
+    return;
+  }
 
   Tensor joint = torch::empty({batch, seq, dim + mlp}, nx.options());
   {
@@ -561,16 +628,25 @@ bool CpuHasFastBFloat16() {
 }  // namespace
 
 Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* sink,
-                                          const ds::LoraContext* lora) const {
-  c10::InferenceMode inference;
+                                           const ds::LoraContext* lora) const {
+  std::optional<c10::InferenceMode> inference;
+  if (!differentiable_) inference.emplace();
   const FluxConfig& cfg = options_.config;
   const torch::Device dev = options_.device;
-  Ctx c{options_.dtype, options_.dtype, false, sink, lora != nullptr && !lora->empty() ? lora : nullptr};
+  Ctx c{options_.dtype, options_.dtype, false, sink,
+        lora != nullptr && !lora->empty() ? lora : nullptr};
+  c.grad = differentiable_;
   if (dev.is_cpu() && (options_.dtype == torch::kHalf ||
                        (options_.dtype == torch::kBFloat16 && !CpuHasFastBFloat16()))) {
     c.emulate = true;
     c.act = torch::kFloat;
   }
+  TORCH_CHECK(!c.grad || !c.emulate,
+              "FluxTransformer2DModel: differentiable mode needs float32 (or native 16-bit) "
+              "weights, not CPU 16-bit emulation");
+  TORCH_CHECK(!c.grad || (in.cache == nullptr && in.ip_adapter == nullptr && in.offload == nullptr),
+              "FluxTransformer2DModel: differentiable mode runs without step caches, IP-Adapters "
+              "and group offloading");
   // Inputs in the model dtype (rounded through float16 when emulating).
   auto prepare = [&](const Tensor& t) {
     return c.emulate ? t.to(dev, c.dtype).to(torch::kFloat) : t.to(dev, c.act);
@@ -658,8 +734,8 @@ Tensor FluxTransformer2DModelImpl::forward(const FluxInputs& in, Intermediates* 
       e = On(e, bd);
       std::tie(h, e) =
           DoubleBlock(c, *blocks[i], h, e, On(silu_temb, bd), On(freqs, bd),
-                      absl::StrCat("transformer_blocks.", i),
-                      ip.has_value() ? &*ip : nullptr, static_cast<int64_t>(i), taylor_blocks);
+                      absl::StrCat("transformer_blocks.", i), ip.has_value() ? &*ip : nullptr,
+                      static_cast<int64_t>(i), taylor_blocks);
     }
     if (end > num_double) {
       Tensor x = torch::cat({e, On(h, e.device())}, 1);

@@ -329,6 +329,17 @@ class FluxTransformer2DModelImpl : public torch::nn::Module {
   torch::Dtype dtype() const { return options_.dtype; }
   torch::Device device() const { return options_.device; }
 
+  // Differentiable mode (training, tools/train): forward() then runs outside InferenceMode with
+  // autograd-supported, out-of-place operations only (attention as matmul/softmax/matmul, no
+  // reused buffers), so gradients reach the parameters, the inputs and the tensors of a LoRA
+  // context; the result equals the default path's up to rounding. Setting it also sets every
+  // parameter's requires_grad to `on`. float32 models only (CPU 16-bit emulation is not
+  // differentiable): forward() throws c10::Error otherwise. Step caches and IP-Adapters are not
+  // part of training. Off by default. Not thread-safe: set it before running, never while
+  // forwards run.
+  void set_differentiable(bool on);
+  bool differentiable() const { return differentiable_; }
+
   FluxPosEmbed pos_embed{nullptr};
   TimeTextEmbed time_text_embed{nullptr};
   Linear context_embedder{nullptr};
@@ -344,6 +355,7 @@ class FluxTransformer2DModelImpl : public torch::nn::Module {
 
  private:
   FluxTransformer2DModelOptions options_;
+  bool differentiable_ = false;
 };
 TORCH_MODULE(FluxTransformer2DModel);
 
@@ -389,9 +401,9 @@ class FluxTransformer final : public ds::DiffusionModel {
   absl::StatusOr<torch::Tensor> Forward(const TensorMap& inputs,
                                         const ds::LoraContext* lora) const override;
   // Same, also capturing intermediates (see Intermediates) when `intermediates` is non-null.
-  absl::StatusOr<torch::Tensor> ForwardWithIntermediates(const TensorMap& inputs,
-                                                         Intermediates* intermediates,
-                                                         const ds::LoraContext* lora = nullptr) const;
+  absl::StatusOr<torch::Tensor> ForwardWithIntermediates(
+      const TensorMap& inputs, Intermediates* intermediates,
+      const ds::LoraContext* lora = nullptr) const;
 
   // The forward with IP-Adapter conditioning (ip_adapter.h; nullptr = Forward). The
   // conditioning is per request: the model is not changed, so concurrent forwards may use

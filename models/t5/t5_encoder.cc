@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -210,9 +211,19 @@ Tensor SelfAttention(const Ctx& c, const T5AttentionImpl& m, const T5Config& cfg
 
 }  // namespace
 
+void T5EncoderImpl::set_differentiable(bool on) {
+  differentiable_ = on;
+  for (Tensor& p : parameters()) p.requires_grad_(on);
+}
+
 TextEncoderOutput T5EncoderImpl::Encode(const Tensor& input_ids, const Tensor& attention_mask,
                                         bool output_hidden_states) const {
-  c10::InferenceMode inference;
+  // Differentiable mode only drops the guard: the float32 path below has no in-place operation on
+  // activations (Ctx::R rounds in place only when emulating 16-bit, refused here).
+  TORCH_CHECK(!differentiable_ || options_.dtype == torch::kFloat32,
+              "T5EncoderModel: differentiable mode needs a float32 model, got ", options_.dtype);
+  std::optional<c10::InferenceMode> inference;
+  if (!differentiable_) inference.emplace();
   const T5Config& cfg = options_.config;
   const Ctx c{options_.dtype, options_.device.is_cpu() && options_.dtype != torch::kFloat32};
   const torch::ScalarType act = c.emulate ? torch::kFloat : c.dtype;

@@ -28,7 +28,7 @@
 // call InitRandomWeights) before running.
 //
 // Thread-safety: Encode() is const and may run concurrently from many threads; it only reads the
-// parameters. Loading weights needs exclusive access.
+// parameters. Loading weights and set_differentiable() need exclusive access.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -157,7 +157,8 @@ class T5EncoderImpl : public torch::nn::Module {
   // [B, L] (float on the model's device; 1 = token, 0 = padding) or undefined. Outputs in the
   // model dtype; `pooled` undefined; hidden_states (when asked): the embeddings, the outputs of
   // blocks 0..n-2 and the final normed state (= last_hidden_state), as transformers returns them.
-  // Runs under torch::InferenceMode. Inputs are not validated here (T5TextEncoder does).
+  // Runs under torch::InferenceMode (unless differentiable()). Inputs are not validated here
+  // (T5TextEncoder does).
   TextEncoderOutput Encode(const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
                            bool output_hidden_states) const;
 
@@ -169,11 +170,26 @@ class T5EncoderImpl : public torch::nn::Module {
 
   const T5Config& config() const { return options_.config; }
 
+  // Differentiable mode (training): when on, forward passes run outside InferenceMode with
+  // autograd-supported, out-of-place operations only, so gradients flow to the parameters (and
+  // inputs); the results equal the default path's (float32) up to rounding. Off by default.
+  // Not thread-safe: set it before running, never while forwards run.
+  //
+  // The float32 forward already uses out-of-place operations only, so the mode changes nothing
+  // but the InferenceMode guard; last_hidden_state and hidden_states carry gradients. Parameters
+  // are created with requires_grad false; setting the mode also sets every parameter's
+  // requires_grad to `on` (freeze parameters selectively afterwards). float32 models only:
+  // Encode() throws c10::Error in differentiable mode for a 16-bit model (the CPU emulation
+  // rounds in place, and float16 keeps `wo` in float32).
+  void set_differentiable(bool on);
+  bool differentiable() const { return differentiable_; }
+
   Embedding shared{nullptr};
   T5Stack encoder{nullptr};
 
  private:
   T5EncoderOptions options_;
+  bool differentiable_ = false;
 };
 TORCH_MODULE(T5Encoder);
 
@@ -211,6 +227,8 @@ class T5TextEncoder final : public ds::DiffusionModel, public ds::TextEncoder {
 
   const T5Config& t5_config() const { return model_->config(); }
   const T5Encoder& t5() const { return model_; }
+  // The module, e.g. to set_differentiable() (exclusive access, as for loading weights).
+  T5Encoder& t5() { return model_; }
 
  private:
   T5TextEncoder(nlohmann::json config_json, ds::ModelOptions options, T5Encoder model);

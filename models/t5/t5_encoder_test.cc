@@ -1,9 +1,12 @@
 // T5EncoderModel without fixtures: config parsing and its errors, relative position buckets, a
 // non-golden config with random weights (shapes, the padding mask, non-gated relu), float16
-// clamping, input validation, folder errors, state-dict adaptation and the spec's metadata.
+// clamping, input validation, folder errors, state-dict adaptation, the spec's metadata, and the
+// differentiable (training) mode: equal to the inference path, gradients for every parameter,
+// finite-difference checks.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
 
@@ -155,6 +158,153 @@ TEST(T5EncoderTest, Float16ClampsTheResidualStreamLikeTransformers) {
   EXPECT_TRUE(torch::isfinite(out->last_hidden_state).all().item<bool>());
   EXPECT_TRUE(torch::isfinite(out->hidden_states[1]).all().item<bool>());
   EXPECT_LE(out->hidden_states[1].to(torch::kFloat).abs().max().item<float>(), 65504.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differentiable (training) mode
+
+// max |u - v| <= tol * max |u| (the output scale).
+::testing::AssertionResult CloseToScale(const torch::Tensor& u, const torch::Tensor& v,
+                                        double tol) {
+  const double scale = std::max(u.abs().max().item<double>(), 1e-30);
+  const double diff = (u.detach() - v.detach()).abs().max().item<double>();
+  return ::testing::AssertionResult(diff <= tol * scale)
+         << "max |diff| " << diff << " vs max |value| " << scale;
+}
+
+// FLUX.1's T5 layout in miniature (gated gelu_new), smooth everywhere for finite differences.
+nlohmann::json GatedConfig() {
+  nlohmann::json config = SmallConfig();
+  config["feed_forward_proj"] = "gated-gelu";
+  return config;
+}
+
+// Two prompts, the first padded (mask 0) after its eos.
+struct Batch {
+  torch::Tensor ids =
+      torch::tensor({{5, 6, 7, 8, 9, 1, 0, 0, 0, 0}, {11, 12, 13, 14, 15, 16, 17, 18, 19, 1}});
+  torch::Tensor mask =
+      torch::tensor({{1, 1, 1, 1, 1, 1, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1, 1, 1}});
+};
+
+TEST(T5DifferentiableTest, ForwardEqualsTheInferencePathAndToggles) {
+  for (const nlohmann::json& config : {SmallConfig(), GatedConfig()}) {
+    SCOPED_TRACE(config.dump());
+    auto model = Random(config);
+    ASSERT_NE(model, nullptr);
+    T5EncoderImpl& t5 = *model->t5();
+    EXPECT_FALSE(t5.differentiable());
+    for (const auto& p : t5.parameters()) ASSERT_FALSE(p.requires_grad());
+    const Batch batch;
+    auto inference = model->EncodeTokens(batch.ids, batch.mask, true);
+    ASSERT_TRUE(inference.ok()) << inference.status();
+    EXPECT_TRUE(inference->last_hidden_state.is_inference());
+
+    t5.set_differentiable(true);
+    EXPECT_TRUE(t5.differentiable());
+    for (const auto& p : t5.parameters()) ASSERT_TRUE(p.requires_grad());
+    auto trained = model->EncodeTokens(batch.ids, batch.mask, true);
+    ASSERT_TRUE(trained.ok()) << trained.status();
+    EXPECT_FALSE(trained->last_hidden_state.is_inference());
+    EXPECT_TRUE(trained->last_hidden_state.requires_grad());
+    EXPECT_TRUE(CloseToScale(inference->last_hidden_state, trained->last_hidden_state, 1e-5));
+    ASSERT_EQ(trained->hidden_states.size(), inference->hidden_states.size());
+    for (size_t i = 0; i < trained->hidden_states.size(); ++i) {
+      EXPECT_TRUE(CloseToScale(inference->hidden_states[i], trained->hidden_states[i], 1e-5)) << i;
+    }
+
+    t5.set_differentiable(false);
+    for (const auto& p : t5.parameters()) ASSERT_FALSE(p.requires_grad());
+    auto again = model->EncodeTokens(batch.ids, batch.mask, false);
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(torch::equal(again->last_hidden_state, inference->last_hidden_state));
+  }
+}
+
+TEST(T5DifferentiableTest, EveryParameterGetsAFiniteGradient) {
+  auto model = Random(GatedConfig());
+  ASSERT_NE(model, nullptr);
+  T5EncoderImpl& t5 = *model->t5();
+  t5.set_differentiable(true);
+  const Batch batch;
+  torch::manual_seed(8);
+  const torch::Tensor weights = torch::randn({2, 10, 40});
+  auto out = model->EncodeTokens(batch.ids, batch.mask);
+  ASSERT_TRUE(out.ok()) << out.status();
+  (out->last_hidden_state * weights).sum().backward();
+  int64_t count = 0;
+  for (const auto& item : t5.named_parameters()) {
+    const torch::Tensor& g = item.value().grad();
+    ASSERT_TRUE(g.defined()) << item.key();
+    EXPECT_EQ(g.sizes(), item.value().sizes()) << item.key();
+    EXPECT_TRUE(torch::isfinite(g).all().item<bool>()) << item.key();
+    EXPECT_GT(g.abs().max().item<double>(), 0) << item.key() << " has an all-zero gradient";
+    ++count;
+  }
+  // shared, block 0 (q, k, v, o, relative_attention_bias, 2 layer norms, wi_0, wi_1, wo), two more
+  // blocks without the bias, final_layer_norm.
+  EXPECT_EQ(count, 1 + 10 + 2 * 9 + 1);
+  const torch::Tensor shared_grad = t5.shared->weight.grad();
+  EXPECT_EQ(shared_grad[50].abs().max().item<double>(), 0.0);  // an unused id
+  EXPECT_GT(shared_grad[7].abs().max().item<double>(), 0.0);
+}
+
+TEST(T5DifferentiableTest, GradientMatchesFiniteDifferences) {
+  auto model = Random(GatedConfig());
+  ASSERT_NE(model, nullptr);
+  T5EncoderImpl& t5 = *model->t5();
+  t5.set_differentiable(true);
+  const Batch batch;
+  torch::manual_seed(9);
+  const torch::Tensor weights = torch::randn({2, 10, 40});
+  auto loss = [&] {
+    auto out = model->EncodeTokens(batch.ids, batch.mask);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return (out->last_hidden_state * weights).sum();
+  };
+  loss().backward();
+  const auto params = t5.named_parameters();
+  for (const char* name : {"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                           "encoder.block.1.layer.0.SelfAttention.q.weight",
+                           "encoder.block.2.layer.1.DenseReluDense.wi_0.weight",
+                           "encoder.block.0.layer.1.layer_norm.weight"}) {
+    SCOPED_TRACE(name);
+    ASSERT_NE(params.find(name), nullptr);
+    torch::Tensor p = params[name];
+    // The entry with the largest gradient, so that float32 rounding of the loss stays far below
+    // the difference being measured.
+    const torch::Tensor flat_grad = p.grad().reshape({-1});
+    const int64_t k = flat_grad.abs().argmax().item<int64_t>();
+    const double analytic = flat_grad[k].item<double>();
+    ASSERT_NE(analytic, 0.0);
+    const double h = 1e-2;
+    auto loss_at = [&](double delta) {
+      torch::NoGradGuard no_grad;
+      const torch::Tensor entry = p.view({-1}).narrow(0, k, 1);
+      const torch::Tensor saved = entry.clone();
+      entry.add_(delta);
+      const double value = loss().item<double>();
+      entry.copy_(saved);
+      return value;
+    };
+    const double numeric = (loss_at(h) - loss_at(-h)) / (2 * h);
+    EXPECT_NEAR(numeric, analytic, 2e-2 * std::abs(analytic)) << "entry " << k;
+  }
+}
+
+TEST(T5DifferentiableTest, SixteenBitModelsAreRefused) {
+  auto model = Random(GatedConfig(), torch::kBFloat16);
+  ASSERT_NE(model, nullptr);
+  model->t5()->set_differentiable(true);
+  const torch::Tensor ids = torch::tensor({{3, 4, 5}});
+  auto refused = model->EncodeTokens(ids, torch::Tensor());
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(std::string(refused.status().message()).find("float32"), std::string::npos)
+      << refused.status();
+  model->t5()->set_differentiable(false);
+  auto out = model->EncodeTokens(ids, torch::Tensor());
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->last_hidden_state.scalar_type(), torch::kBFloat16);
 }
 
 TEST(T5EncoderTest, BadInputsNameTheTensor) {
