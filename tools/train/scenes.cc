@@ -157,14 +157,12 @@ absl::StatusOr<Scene> SampleScene(const std::vector<Combination>& combinations, 
   uint64_t state = Mix(seed + 0x5851f42d4c957f2dULL * (i + 1));
   auto next = [&state] { return Uniform(state = Mix(state)); };
   const double s = static_cast<double>(side);
-  scene.radius = s / 5 + next() * (s / 3 - s / 5);
-  const double margin = scene.radius + 0.5;
-  scene.center_x = margin + next() * (s - 2 * margin);
-  scene.center_y = margin + next() * (s - 2 * margin);
-  const Shape shape = scene.combination.shape;
-  scene.rotation = shape == Shape::kCircle   ? 0.0
-                   : shape == Shape::kSquare ? next() * kPi / 2
-                                             : next() * 2 * kPi;
+  scene.radius = s * (kMinRadius + next() * (kMaxRadius - kMinRadius));
+  scene.center_x = s / 2 + (2 * next() - 1) * kMaxOffset * s;
+  scene.center_y = s / 2 + (2 * next() - 1) * kMaxOffset * s;
+  scene.rotation = scene.combination.shape == Shape::kCircle
+                       ? 0.0
+                       : (2 * next() - 1) * kMaxRotation;
   return scene;
 }
 

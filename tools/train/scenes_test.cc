@@ -67,8 +67,10 @@ TEST(ScenesTest, SamplingIsDeterministicAndVisitsEveryCombinationPerEpoch) {
     EXPECT_EQ(Caption(a->combination), Caption(b->combination));
     EXPECT_EQ(a->center_x, b->center_x);
     EXPECT_EQ(a->radius, b->radius);
-    EXPECT_GE(a->radius, 32.0 / 5);
-    EXPECT_LE(a->radius, 32.0 / 3);
+    EXPECT_GE(a->radius, 32.0 * kMinRadius);
+    EXPECT_LE(a->radius, 32.0 * kMaxRadius);
+    EXPECT_LE(std::abs(a->center_x - 16), 32.0 * kMaxOffset);
+    EXPECT_LE(std::abs(a->rotation), kMaxRotation);
     EXPECT_GE(a->center_x - a->radius, 0.0);
     EXPECT_LE(a->center_y + a->radius, 32.0);
     epoch.insert(Caption(a->combination));
