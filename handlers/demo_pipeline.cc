@@ -274,20 +274,38 @@ absl::Status WriteComponent(const DemoPipelineRecipe& recipe, size_t index,
   auto model_or = spec->factory(config, ModelOptions{});
   if (!model_or.ok()) return Annotate(model_or.status(), where);
   std::unique_ptr<DiffusionModel> model = *std::move(model_or);
-  RETURN_IF_ERROR(TorchCallVoid(absl::StrCat(where, ": initializing weights"), [&] {
-    InitRandomWeights(model->module(), recipe.seed + index);
-  }));
-  const TensorMap weights = NamedTensors(model->module());
   const std::string dir = absl::StrCat(pipeline_dir, "/", c.name);
   RETURN_IF_ERROR(MakeDirs(dir));
   RETURN_IF_ERROR(WriteText(dir + "/config.json", config.dump(2) + "\n"));
-  const std::map<std::string, std::string> metadata = {
-      {"format", "pt"},
-      {"source", absl::StrCat("diffusion-server demo pipeline ", recipe.name, ", random weights "
-                              "(InitRandomWeights seed ", recipe.seed + index, ")")}};
   const char* weights_name =
       c.library == kTransformers ? "model.safetensors" : "diffusion_pytorch_model.safetensors";
-  RETURN_IF_ERROR(WriteSafetensors(absl::StrCat(dir, "/", weights_name), weights, metadata));
+  const std::string weights_path = absl::StrCat(dir, "/", weights_name);
+  std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  TensorMap weights;
+  if (!c.weights.empty()) {
+    // Trained weights: written as given, then read back and loaded (which checks them).
+    RETURN_IF_ERROR(WriteText(weights_path, std::string(c.weights)));
+    auto file = SafetensorsFile::Open(weights_path);
+    if (!file.ok()) return Annotate(file.status(), absl::StrCat(where, ": trained weights"));
+    auto all = (*file)->GetAll();
+    if (!all.ok()) return Annotate(all.status(), absl::StrCat(where, ": trained weights"));
+    metadata = (*file)->metadata();
+    weights = *std::move(all);
+    absl::Status loaded = LoadStateDict(model->module(), weights);
+    if (!loaded.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": trained weights do not fit the config: ", loaded.message()));
+    }
+  } else {
+    RETURN_IF_ERROR(TorchCallVoid(absl::StrCat(where, ": initializing weights"), [&] {
+      InitRandomWeights(model->module(), recipe.seed + index);
+    }));
+    weights = NamedTensors(model->module());
+    metadata["source"] = absl::StrCat("diffusion-server demo pipeline ", recipe.name,
+                                      ", random weights (InitRandomWeights seed ",
+                                      recipe.seed + index, ")");
+    RETURN_IF_ERROR(WriteSafetensors(weights_path, weights, metadata));
+  }
   if (c.single_file.empty()) return absl::OkStatus();
   if (spec->weight_mapping == nullptr) {
     return absl::InvalidArgumentError(
@@ -608,7 +626,10 @@ nlohmann::json DemoRecipeJson(const DemoPipelineRecipe& recipe) {
                           {"class_name", c.class_name},
                           {"config", c.config},
                           {"single_file", c.single_file},
-                          {"library", c.library}});
+                          {"library", c.library},
+                          {"weights", c.weights.empty()
+                                          ? std::string("random")
+                                          : Sha256Hex(c.weights.data(), c.weights.size())}});
   }
   nlohmann::json tokenizers = nlohmann::json::array();
   for (const DemoTokenizer& t : recipe.tokenizers) {
@@ -628,6 +649,8 @@ nlohmann::json DemoRecipeJson(const DemoPipelineRecipe& recipe) {
           {"absent_components", recipe.absent_components},
           {"seed", recipe.seed},
           {"example_inputs", recipe.example_inputs},
+          {"prompt_template", recipe.prompt_template},
+          {"vocabulary", recipe.vocabulary},
           // Weights depend on the initializer too: bump when InitRandomWeights changes.
           {"initializer", "InitRandomWeights/2"},
           // Tokenizer files depend on the generators too: bump when they change.

@@ -33,6 +33,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -51,6 +52,13 @@ struct DemoComponent {
   // diffusion_pytorch_model.safetensors) or "transformers" (config.json with "architectures":
   // [class_name], model.safetensors), as each library's save_pretrained writes them.
   std::string library = "diffusers";
+  // Trained weights (optional; not owned, e.g. embedded in the binary, must outlive the recipe):
+  // the bytes of a safetensors file with the component's state dict under its diffusers names (any
+  // floating dtype). When set they are written verbatim as the component's weights file and loaded
+  // into the model built from `config` (names and shapes must match: INVALID_ARGUMENT otherwise)
+  // instead of random weights, and the single file is mapped from them. Their SHA-256 is part of
+  // the recipe digest.
+  std::string_view weights;
 };
 
 enum class DemoTokenizerKind {
@@ -99,6 +107,10 @@ struct DemoPipelineRecipe {
   // Request tensors written to example_inputs.safetensors, drawn from N(0, 1) with `seed` (e.g.
   // prompt_embeds for a pipeline without text encoders), so the demo can be run at once.
   std::vector<std::pair<std::string, std::vector<int64_t>>> example_inputs;
+  // What the demo can be asked for (reported by GetMetadata): a prompt template and the words its
+  // prompts are made of; empty for a demo without text conditioning or with random weights.
+  std::string prompt_template;
+  std::vector<std::string> vocabulary;
 };
 
 struct DemoPipelineFiles {

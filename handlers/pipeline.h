@@ -127,7 +127,8 @@ struct PipelineRequest {
   std::vector<std::string> negative_prompt;
   std::vector<std::string> negative_prompt_2;
   // Token length the sequence text encoder (Flux: T5) pads and truncates prompts to; in
-  // [1, limits().max_sequence_length_limit].
+  // [1, limits().max_sequence_length_limit]; a pipeline may pad to fewer when its tokenizer's
+  // model_max_length is smaller (Flux).
   int64_t max_sequence_length = 512;
   // [P, L, D] or [L, D] (P = 1), D = the transformer's text-embedding width.
   torch::Tensor prompt_embeds;

@@ -545,6 +545,25 @@ const std::vector<FormatEntry>& Formats() {
 
 }  // namespace
 
+std::vector<BflLinearModule> BflBlockLinearModules(int64_t num_double, int64_t num_single) {
+  std::vector<BflLinearModule> out;
+  auto add = [&](const SpecTable& table, const char* bfl_block, const char* diffusers_block,
+                 int64_t index) {
+    for (const auto& [bfl, spec] : table) {
+      BflLinearModule m;
+      m.bfl = absl::StrCat(bfl_block, ".", index, ".", bfl);
+      m.kohya = absl::StrCat(kKohyaUnetPrefix, Underscored(m.bfl));
+      for (const std::string& d : spec.modules) {
+        m.diffusers.push_back(absl::StrCat(diffusers_block, ".", index, ".", d));
+      }
+      out.push_back(std::move(m));
+    }
+  };
+  for (int64_t i = 0; i < num_double; ++i) add(DoubleBlockSpecs(), kBflDouble, kDiffusersDouble, i);
+  for (int64_t i = 0; i < num_single; ++i) add(SingleBlockSpecs(), kBflSingle, kDiffusersSingle, i);
+  return out;
+}
+
 std::vector<std::string> FluxLora::FormatNames() const {
   std::vector<std::string> names;
   for (const FormatEntry& f : Formats()) {

@@ -27,6 +27,7 @@
 // The handler is pure (names, shapes, alpha values) and stateless: immutable and thread-safe.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,6 +35,21 @@
 #include "handlers/lora_format.h"
 
 namespace ds::flux {
+
+// A linear module in BFL (original FLUX) naming and the diffusers linear modules its weight's rows
+// feed, in row order: one module, or a fused one split as the handler splits it (qkv into to_q,
+// to_k, to_v; a single block's linear1 into to_q, to_k, to_v, proj_mlp). For writers of BFL-named
+// adapters (kohya `lora_unet_<bfl_name with '_'>`), e.g. the training tool's LoRA.
+struct BflLinearModule {
+  std::string bfl;                     // "double_blocks.0.img_attn.qkv"
+  std::string kohya;                   // "lora_unet_double_blocks_0_img_attn_qkv"
+  std::vector<std::string> diffusers;  // "transformer_blocks.0.attn.to_q", ...
+};
+
+// The block modules (every double and single block's linears, modulation included) of a
+// transformer with `num_double` double and `num_single` single blocks, blocks in order. The global
+// modules (img_in, final_layer, ...) are not listed.
+std::vector<BflLinearModule> BflBlockLinearModules(int64_t num_double, int64_t num_single);
 
 class FluxLora : public LoraHandler {
  public:

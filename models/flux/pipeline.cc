@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -736,6 +737,10 @@ absl::StatusOr<PromptEncoding> FluxPipeline::EncodePrompt(
                       ? components_.text_encoder->max_position_embeddings()
                       : kDefaultClipMaxLength;
   }
+  // The T5 sequence: max_sequence_length tokens, at most the tokenizer's model_max_length (512
+  // for FLUX.1's, so the same as diffusers there; a smaller model, such as the synthetic
+  // flux-tiny demo trained on 16 tokens, is never given longer sequences than it knows).
+  max_sequence_length = std::min(max_sequence_length, components_.tokenizer_2->model_max_length());
   const std::vector<std::string>& t5_prompts = prompt_2.empty() ? prompt : prompt_2;
   std::vector<torch::Tensor> pooled, sequence;
   auto note = [&](const CachedPromptEncoding& e, const std::string& which, size_t index,

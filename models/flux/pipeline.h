@@ -7,8 +7,10 @@
 //   2. text prompts (encode_prompt): pooled_prompt_embeds = text_encoder(tokenizer(prompt,
 //      padding max_length = tokenizer.model_max_length (77), truncation)).pooler_output;
 //      prompt_embeds = text_encoder_2(tokenizer_2(prompt_2 (default prompt), padding max_length =
-//      max_sequence_length, truncation)) last hidden state, with NO attention mask (as
-//      FluxPipeline); negative prompts likewise, only when true CFG runs. Each prompt is encoded
+//      min(max_sequence_length, tokenizer_2.model_max_length), truncation)) last hidden state
+//      (FLUX.1's T5 tokenizer allows 512, the limit, so this is diffusers' max_sequence_length;
+//      a smaller model such as the synthetic flux-tiny demo, trained on 16 tokens, never gets
+//      longer sequences), with NO attention mask (as FluxPipeline); negative prompts likewise, only when true CFG runs. Each prompt is encoded
 //      on its own (batch 1), so a cached encoding is bit-identical to a fresh one; encodings are
 //      kept in a bounded LRU (PipelineOptions::prompt_cache_entries);
 //      embeddings to the transformer's dtype and device; text ids zeros [L, 3];
