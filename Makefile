@@ -8,7 +8,7 @@ GOLDEN_DIR ?= $(abspath ../shared/golden)
 CMAKE_FLAGS ?=
 RUN_FLAGS ?=
 
-.PHONY: all deps configure build test run bench benchmarks fuzz clean
+.PHONY: all deps configure build test run bench benchmarks fuzz clean train-demo
 
 all: build
 
@@ -32,6 +32,23 @@ test: build
 run: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS) --target diffusion-server
 	$(BUILD_DIR)/server/diffusion-server $(RUN_FLAGS)
+
+# Retrains the embedded default (flux-tiny, its circles->stars LoRA, the quality test's shape
+# classifier) with tools/train and installs the results in models/flux/demo/ (about 20 minutes on 2
+# cores; keep the machine otherwise idle). Extra flags: make train-demo TRAIN_FLAGS="--seed=1".
+TRAIN_FLAGS ?=
+train-demo: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target train-flux-tiny
+	rm -rf $(BUILD_DIR)/train-demo
+	$(BUILD_DIR)/tools/train/train-flux-tiny --out=$(BUILD_DIR)/train-demo $(TRAIN_FLAGS)
+	DS_FLUX_TINY_EVAL_DIR=$(abspath $(BUILD_DIR))/train-demo \
+	  cmake --build $(BUILD_DIR) -j $(JOBS) --target flux_tiny_quality_test
+	DS_FLUX_TINY_EVAL_DIR=$(abspath $(BUILD_DIR))/train-demo $(BUILD_DIR)/tools/train/flux_tiny_quality_test
+	rm -rf models/flux/demo/flux-tiny
+	cp -r $(BUILD_DIR)/train-demo/flux-tiny models/flux/demo/flux-tiny
+	cp $(BUILD_DIR)/train-demo/flux-tiny-stars.safetensors \
+	  $(BUILD_DIR)/train-demo/shape-classifier.safetensors \
+	  $(BUILD_DIR)/train-demo/training-report.json models/flux/demo/
 
 # The benchmark suite: every performance figure next to its same-run reference, written to
 # BENCHMARKS.md (machine, command, tables). Extra flags: make benchmarks BENCH_FLAGS="--threads=1".

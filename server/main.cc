@@ -91,10 +91,10 @@ ABSL_FLAG(std::string, config, "",
           "(or when it lists no models) the --embedded_models are served");
 ABSL_FLAG(std::string, embedded_models, kDefaults.embedded_models,
           "Models served when no configured ones are (comma-separated; empty = none): "
-          "\"default\" = a bare tiny FluxTransformer2DModel with random weights (latents API), "
-          "\"flux-tiny\" = a tiny FluxPipeline with random weights and tiny CLIP/T5 text "
-          "encoders (text prompts in, PNG images of noise out), written to files under "
-          "--embedded_dir on first run and loaded from them");
+          "\"flux-tiny\" = a tiny FluxPipeline trained on synthetic scenes ('a red circle on a "
+          "blue background'; weights embedded in the binary), written to files under "
+          "--embedded_dir on first run and loaded from them; \"default\" = a bare tiny "
+          "FluxTransformer2DModel with random weights (latents API, for tests)");
 ABSL_FLAG(std::string, embedded_dir, "",
           "Where embedded demo pipelines' files are written (default: "
           "$XDG_CACHE_HOME/diffusion-server, else $HOME/.cache/diffusion-server, else "
@@ -107,8 +107,9 @@ constexpr char kUsage[] =
     "grpc.health.v1, reflection) with Prometheus metrics.\n\n"
     "  diffusion-server [--port=50051] [--metrics_port=9464] [--admin_token_file=FILE]\n"
     "                   [--model_root=DIR] [--adapter_root=DIR] [--config=FILE] ...\n\n"
-    "With no model flags it serves the embedded demo models \"flux-tiny\" (a pipeline making "
-    "PNGs) and \"default\" (a bare transformer); their weights are random.";
+    "With no model flags it serves the embedded demo model \"flux-tiny\": a tiny FluxPipeline "
+    "trained on synthetic scenes (prompts like \"a red triangle on a yellow background\"; shapes "
+    "circle, square, triangle, cross, star; colours red, green, blue, yellow, black, white).";
 
 // --embedded_dir, or the user's cache folder, or a per-user temporary folder.
 std::string EmbeddedDir(const std::string& flag) {

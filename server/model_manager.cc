@@ -274,6 +274,7 @@ absl::StatusOr<LoadModelResult> ModelManager::LoadDemo(const std::string& demo,
   request.name = name;
   request.path = files.pipeline_dir;
   request.replace = replace;
+  request.demo = recipe;
   ASSIGN_OR_RETURN(LoadModelResult result, Load(request));
   std::string note = absl::StrCat("demo pipeline ", recipe->name, " (", recipe->description,
                                   "): files ", files.written ? "written to " : "reused from ",
@@ -360,6 +361,7 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
       instance.source = request.path;
       instance.report = absl::StrCat("diffusers pipeline folder ", request.path, "\n",
                                      PipelineReport(*pipeline));
+      instance.demo = request.demo;
       return instance;
     }
     if (is_dir) {
@@ -383,6 +385,7 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
     instance.sha256 = std::move(digest);
     instance.variant = std::move(variant);
     instance.report = std::move(report);
+    instance.demo = request.demo;
     return instance;
   };
   absl::StatusOr<ModelInstance> built = build();

@@ -58,6 +58,8 @@ struct ModelInstance {
   // With a device map: where its weights are (ds::DevicePlacementSummary); "" without.
   std::string device_map;
   int64_t parameter_bytes = 0;      // bytes its parameters and buffers really hold
+  // The demo recipe it was built from (LoadDemo; the registry's, static lifetime), or null.
+  const DemoPipelineRecipe* demo = nullptr;
 
   const DiffusionModel& model() const { return host->model(); }
 };
@@ -96,6 +98,8 @@ struct LoadModelRequest {
   // Group offloading (handlers/group_offloading.h); unset = none. Model folders and single files
   // only (UNIMPLEMENTED for a pipeline folder or a model class without support).
   std::optional<GroupOffloadingOptions> group_offloading;
+  // Set by LoadDemo: the registry's recipe the folder was written from (static lifetime).
+  const DemoPipelineRecipe* demo = nullptr;
 };
 
 struct LoadModelResult {

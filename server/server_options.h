@@ -72,7 +72,7 @@ struct ServerOptions {
   // The embedded models served without configured ones, comma-separated: "default" (a bare tiny
   // FluxTransformer2DModel built in memory) and registered demo pipelines (e.g. "flux-tiny",
   // written to files under embedded_dir on first run and loaded from them). Empty: none.
-  std::string embedded_models = "default,flux-tiny";
+  std::string embedded_models = "flux-tiny";
   // Where demo pipelines' files are written. Empty: $XDG_CACHE_HOME/diffusion-server, else
   // $HOME/.cache/diffusion-server, else <temp>/diffusion-server-<uid>.
   std::string embedded_dir;

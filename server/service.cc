@@ -441,6 +441,17 @@ void DiffusionService::FillInstance(const InstanceStatus& status, pb::ModelInsta
     g->set_onloads(stats.onloads);
   }
   out->set_device_map(inst->device_map);
+  if (const DemoPipelineRecipe* demo = inst->demo; demo != nullptr) {
+    pb::DemoModelInfo* d = out->mutable_demo();
+    d->set_name(demo->name);
+    d->set_synthetic(true);  // every demo recipe: synthetic data or random weights
+    d->set_description(demo->description);
+    d->set_prompt_template(demo->prompt_template);
+    for (const std::string& word : demo->vocabulary) d->add_vocabulary(word);
+    bool trained = false;
+    for (const DemoComponent& c : demo->components) trained = trained || !c.weights.empty();
+    d->set_trained(trained);
+  }
   out->set_parameter_bytes(inst->parameter_bytes);
   out->set_adapter_bytes(inst->host->memory_used_bytes());
   for (const AdapterInfo& a : inst->host->List()) FillLoRAInfo(a, out->add_adapters());

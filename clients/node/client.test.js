@@ -119,7 +119,7 @@ before(async () => {
   fs.writeFileSync(tokenFile, `${TOKEN}\n`);
   const server = await startServer(binary, state.root, [`--admin_token_file=${tokenFile}`,
     `--model_root=${state.modelRoot}`, `--adapter_root=${state.adapterRoot}`,
-    `--embedded_dir=${path.join(state.root, 'embedded')}`]);
+    `--embedded_dir=${path.join(state.root, 'embedded')}`, '--embedded_models=default,flux-tiny']);
   state.child = server.child;
   state.target = server.target;
   state.client = new DiffusionClient(state.target, {token: TOKEN});

@@ -134,7 +134,8 @@ class ClientTest(unittest.TestCase):
         cls.server = Server(server_path, root,
                             [f"--admin_token_file={token_file}", f"--model_root={cls.model_root}",
                              f"--adapter_root={cls.adapter_root}",
-                             f"--embedded_dir={os.path.join(root, 'embedded')}"])
+                             f"--embedded_dir={os.path.join(root, 'embedded')}",
+                             "--embedded_models=default,flux-tiny"])
         cls.client = dc.DiffusionClient(cls.server.target, token=TOKEN, timeout=RPC_TIMEOUT_S)
         # The model the golden LoRAs target, as instance "golden".
         loaded = cls.client.load_single_file("golden", "base_model_dir", timeout=RPC_TIMEOUT_S)

@@ -178,25 +178,28 @@ TEST(FluxTinyDemoTest, TextPromptsRunThroughTheGeneratedTokenizersAndEncoders) {
   EXPECT_EQ(clip_config["bos_token_id"], (*clip)->bos_token_id());
   EXPECT_EQ(clip_config["eos_token_id"], (*clip)->eos_token_id());
 
-  auto cat = pipeline.Generate(TextRequest(pipeline, "a photo of a cat on a red chair"));
+  auto cat = pipeline.Generate(TextRequest(pipeline, "a red circle"));
   ASSERT_TRUE(cat.ok()) << cat.status();
   ASSERT_EQ(cat->png.size(), 1u);
   EXPECT_TRUE(torch::isfinite(cat->image).all().item<bool>());
   EXPECT_TRUE(cat->truncated_prompts.empty());
   // The same prompt again: the same image (the encoded prompt now comes from the cache).
-  auto again = pipeline.Generate(TextRequest(pipeline, "a photo of a cat on a red chair"));
+  auto again = pipeline.Generate(TextRequest(pipeline, "a red circle"));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->png, cat->png);
   EXPECT_TRUE(torch::equal(again->latents, cat->latents));
   EXPECT_GT(again->prompt_cache_hits, 0);
   // Another prompt conditions the transformer differently.
-  auto dog = pipeline.Generate(TextRequest(pipeline, "a watercolor of a dog in the snow"));
+  auto dog = pipeline.Generate(TextRequest(pipeline, "a green star"));
   ASSERT_TRUE(dog.ok()) << dog.status();
   EXPECT_NE(dog->png, cat->png);
   EXPECT_FALSE(torch::equal(dog->latents, cat->latents));
   // The text path equals the embeddings path with the pipeline's own encoding.
-  auto encoding = pipeline.EncodePrompt({"a photo of a cat on a red chair"}, {}, 32);
+  auto encoding = pipeline.EncodePrompt({"a red circle"}, {}, 32);
   ASSERT_TRUE(encoding.ok()) << encoding.status();
+  // T5 pads to at most its tokenizer's model_max_length (16 here), even when asked for 32.
+  EXPECT_EQ(encoding->prompt_embeds.size(-2), (*t5)->model_max_length());
+  EXPECT_EQ((*t5)->model_max_length(), 16);
   PipelineRequest embeds = TextRequest(pipeline, "");
   embeds.prompt.clear();
   embeds.prompt_embeds = encoding->prompt_embeds;
@@ -205,7 +208,8 @@ TEST(FluxTinyDemoTest, TextPromptsRunThroughTheGeneratedTokenizersAndEncoders) {
   ASSERT_TRUE(from_embeds.ok()) << from_embeds.status();
   EXPECT_TRUE(torch::equal(from_embeds->latents, cat->latents));
 
-  // A prompt past CLIP's 77 tokens and max_sequence_length is truncated, and the result says so.
+  // A prompt past the tokenizers' limits (16 tokens each for this demo) is truncated, and the
+  // result says so.
   std::string long_prompt;
   for (int i = 0; i < 40; ++i) long_prompt += "a golden retriever puppy playing on the grass, ";
   auto truncated = pipeline.Generate(TextRequest(pipeline, long_prompt));
@@ -251,9 +255,9 @@ TEST(FluxTinyDemoTest, ReusesAVerifiedCopyAndRewritesAModifiedOne) {
   ASSERT_TRUE(rewritten.ok());
   EXPECT_TRUE(torch::equal(rewritten->at("proj_out.weight"), before)) << "deterministic weights";
 
-  // Another recipe under the same name (other seed) replaces the copy.
-  DemoPipelineRecipe reseeded = FluxTinyDemo();
-  reseeded.seed += 1;
+  // Another recipe under the same name replaces the copy (here the architecture with random
+  // weights instead of the trained ones).
+  DemoPipelineRecipe reseeded = FluxTinyDemoArchitecture();
   auto fourth = WriteDemoPipeline(reseeded, tmp.path());
   ASSERT_TRUE(fourth.ok()) << fourth.status();
   EXPECT_TRUE(fourth->written);
@@ -317,9 +321,10 @@ TEST(FluxTinyDemoTest, BadRecipesAndRootsAreRefused) {
 
 TEST(FluxTinyDemoTest, RandomConvolutionWeightsKeepActivationsBounded) {
   // InitRandomWeights scales kernels by their fan-in (in x k x k), so the random VAE decodes to
-  // values of order one instead of saturating every pixel.
+  // values of order one instead of saturating every pixel (the architecture recipe: random
+  // weights).
   TempDir tmp;
-  auto files = WriteDemoPipeline(FluxTinyDemo(), tmp.path());
+  auto files = WriteDemoPipeline(FluxTinyDemoArchitecture(), tmp.path());
   ASSERT_TRUE(files.ok()) << files.status();
   auto weights = LoadSafetensorsWeights(files->pipeline_dir + "/vae/diffusion_pytorch_model.safetensors");
   ASSERT_TRUE(weights.ok());

@@ -2,8 +2,10 @@
 // handlers and the factory. Everything the metadata table shows is derived from this spec.
 #include "models/flux/spec.h"
 
+#include "absl/strings/str_cat.h"
 #include "handlers/registry.h"
 #include "handlers/status.h"
+#include "models/flux/demo_weights.h"
 #include "models/flux/ip_adapter.h"
 #include "models/flux/lora.h"
 #include "models/flux/pipeline.h"
@@ -48,134 +50,108 @@ ModelSpec MakeFluxSpec() {
 
 DS_REGISTER_MODEL(MakeFluxSpec());
 
-// flux-tiny: the server's embedded demo pipeline. A FLUX.1-dev-architecture transformer (double-
-// and single-stream blocks, guidance embedding), a FLUX-style AutoencoderKL (no quant convs,
-// scaling/shift factors of FLUX.1) and FLUX.1's two text encoders in miniature (a CLIPTextModel
-// for the pooled vector, a gated-GELU T5EncoderModel for the sequence, each 32 wide as the
-// transformer's pooled_projection_dim / joint_attention_dim) with tokenizers generated from the
-// corpus below (a CLIP BPE vocabulary, a unigram SentencePiece model), small enough to generate
-// a 256x256 image from a text prompt in about a second on a CPU, with FLUX.1-dev's scheduler
-// config. Random weights: its images are noise.
+// flux-tiny: the server's embedded demo pipeline, trained by tools/train (train-flux-tiny) on
+// synthetic scenes: one shape (circle, square, triangle, cross, star) in one of six pure colours on
+// a background of another, captioned "a {colour} {shape} on a {colour} background". A
+// FLUX.1-dev-architecture transformer (double- and single-stream blocks, guidance embedding), a
+// FLUX-style AutoencoderKL (no quant convs; 3 levels: 32×32 RGB <-> 8×8×4 latents) and FLUX.1's
+// two text encoders in miniature (a CLIPTextModel for the pooled vector, a gated-GELU
+// T5EncoderModel for the sequence, each 32 wide as the transformer's pooled_projection_dim /
+// joint_attention_dim) with tokenizers generated from the caption vocabulary, both limited to 16
+// tokens (the captions' length; the pipeline pads T5 to at most the tokenizer's
+// model_max_length). FLUX.1-dev's scheduler config.
+//
+// The recipe lists the architecture; the trained weights and the latent scaling/shift factors come
+// from models/flux/demo/flux-tiny/, a diffusers pipeline folder the training tool writes (and that
+// the build embeds, see demo_weights.h). FluxTinyDemoArchitecture() is the recipe without them
+// (random weights), which is what the training tool starts from.
 
-// Training text of the demo tokenizers: varied English prompt-like sentences (~3.6 KB; a few
-// capitalized, punctuated ones so that SentencePiece covers those characters too).
-constexpr char kFluxTinyCorpus[] =
-    "a photo of a cat sitting on a windowsill in the morning sun\n"
-    "a painting of a red fox running across a snowy field\n"
-    "an old lighthouse on a rocky coast under a stormy sky\n"
-    "a bowl of ripe oranges and green apples on a wooden table\n"
-    "a portrait of a young woman with curly hair, soft studio light\n"
-    "a watercolor sketch of a quiet harbor with small fishing boats\n"
-    "a futuristic city at night, neon signs reflected in wet streets\n"
-    "a mountain lake surrounded by pine trees at sunrise\n"
-    "a close-up of a honeybee collecting pollen from a purple flower\n"
-    "an astronaut floating above the earth, highly detailed, 4k\n"
-    "a cozy kitchen with copper pots hanging over the stove\n"
-    "a child flying a yellow kite on a windy beach\n"
-    "a black and white photograph of a busy train station in 1950\n"
-    "a dragon sleeping on a pile of gold coins inside a cave\n"
-    "a bicycle leaning against a brick wall covered in ivy\n"
-    "a cup of hot chocolate with marshmallows next to a knitted scarf\n"
-    "an oil painting of sunflowers in a blue vase\n"
-    "a narrow street in an italian village with laundry hanging between the houses\n"
-    "a herd of elephants walking through the savanna at dusk\n"
-    "a robot reading a book in a library full of tall shelves\n"
-    "a glass of lemonade with ice cubes on a sunny porch\n"
-    "a misty forest path covered with autumn leaves\n"
-    "a sailboat on calm water, pastel colors, minimalist style\n"
-    "a steaming bowl of noodle soup with chopsticks, food photography\n"
-    "a knight in shining armor standing in front of a castle gate\n"
-    "a snowy owl perched on a fence post in winter\n"
-    "a vintage car parked outside a small diner on route 66\n"
-    "a map of an imaginary island drawn in ink on old paper\n"
-    "a field of tulips in the netherlands with a windmill in the distance\n"
-    "a hot air balloon drifting over green hills and rivers\n"
-    "the quick brown fox jumps over the lazy dog\n"
-    "she said it's going to rain, so we'll stay inside and paint\n"
-    "they've built a tiny house out of recycled wood and glass\n"
-    "don't forget the candles, the cake and the music for the party\n"
-    "we're drawing 3 cats, 12 birds and 100 tiny stars\n"
-    "cinematic lighting, sharp focus, dramatic shadows, ultra wide angle\n"
-    "digital art of a crystal palace floating among the clouds\n"
-    "a pencil drawing of an elderly man playing chess in the park\n"
-    "a macro shot of dew drops on a spider web at dawn\n"
-    "a stack of pancakes with blueberries and maple syrup\n"
-    "a turtle swimming above a colorful coral reef\n"
-    "a desert landscape with tall red rocks and a clear blue sky\n"
-    "a jazz band playing on a small stage in a dark club\n"
-    "a snowman wearing a striped hat and a long orange scarf\n"
-    "an abandoned greenhouse overgrown with ferns and moss\n"
-    "a wooden cabin by a frozen river under the northern lights\n"
-    "a golden retriever puppy playing with a tennis ball on the grass\n"
-    "a marble statue of a horse in a museum hall\n"
-    "a paper boat floating in a puddle after the rain\n"
-    "a hummingbird hovering near a bright red blossom\n"
-    "a bustling night market with lanterns and food stalls\n"
-    "a pair of worn leather boots beside a campfire\n"
-    "a teapot shaped like a pumpkin, studio photo, white background\n"
-    "a crowded beach in summer seen from above\n"
-    "a violin resting on a velvet chair in an empty concert hall\n"
-    "a comic book panel of a superhero landing on a rooftop\n"
-    "a field of lavender stretching toward the horizon\n"
-    "a fisherman mending nets on a wooden pier\n"
-    "a medieval map with sea monsters and compass roses\n"
-    "a tram climbing a steep hill in an old city\n"
-    "A Photo Of The Eiffel Tower In Paris, Taken At Night!\n"
-    "Is it a bird? Is it a plane? No, it's a Flying Whale.\n"
-    "Tokyo, Japan: cherry blossoms along the river in April.\n"
-    "New York City skyline; Central Park in the foreground (aerial view).\n"
-    "Wow! A rainbow over the Scottish Highlands after a storm.\n"
-    "Mount Fuji reflected in Lake Kawaguchi - early morning, no wind.\n";
+const std::vector<std::string>& FluxTinyShapes() {
+  static const auto* kShapes =
+      new std::vector<std::string>{"circle", "square", "triangle", "cross", "star"};
+  return *kShapes;
+}
+const std::vector<std::string>& FluxTinyColours() {
+  static const auto* kColours =
+      new std::vector<std::string>{"red", "green", "blue", "yellow", "black", "white"};
+  return *kColours;
+}
 
-// Vocabulary sizes of the demo tokenizers (= the encoders' token-embedding rows). CLIP: 512 byte
-// symbols + 254 merges + 2 special tokens; T5: 256 SentencePiece pieces + 100 sentinels.
-constexpr int64_t kFluxTinyClipVocab = 768;
+std::string FluxTinyCaption(const std::string& colour, const std::string& shape,
+                            const std::string& background) {
+  return absl::StrCat("a ", colour, " ", shape, " on a ", background, " background");
+}
+
+namespace {
+
+// Every caption of the vocabulary, one per line: the tokenizers' training text.
+std::string FluxTinyCorpus() {
+  std::string corpus;
+  for (const std::string& shape : FluxTinyShapes()) {
+    for (const std::string& colour : FluxTinyColours()) {
+      for (const std::string& background : FluxTinyColours()) {
+        if (background == colour) continue;
+        absl::StrAppend(&corpus, FluxTinyCaption(colour, shape, background), "\n");
+      }
+    }
+  }
+  return corpus;
+}
+
+// Vocabulary sizes of the tokenizers (= the encoders' token-embedding rows). CLIP: 512 byte
+// symbols + 50 merges (the caption words need 52) + 2 special tokens; T5: 32 SentencePiece pieces
+// (at most 34 fit)
+// + 100 sentinels.
+constexpr int64_t kFluxTinyClipVocab = 564;
 constexpr int64_t kFluxTinyT5Extra = 100;
-constexpr int64_t kFluxTinyT5Vocab = 256 + kFluxTinyT5Extra;
+constexpr int64_t kFluxTinyT5Vocab = 32 + kFluxTinyT5Extra;
+constexpr int64_t kFluxTinyMaxTokens = 16;
 
-DemoPipelineRecipe FluxTinyDemo() {
+}  // namespace
+
+DemoPipelineRecipe FluxTinyDemoArchitecture() {
   DemoPipelineRecipe demo;
   demo.name = "flux-tiny";
   demo.pipeline_class = "FluxPipeline";
   demo.description =
-      "tiny FLUX.1-dev-architecture pipeline with random weights (images are noise): transformer "
-      "1+1 blocks, 2 heads x 16; AutoencoderKL 2 levels, 4 latent channels; CLIP and T5 text "
-      "encoders 2 layers x 32 wide with generated tokenizers; text prompts or prompt embeddings";
+      "SYNTHETIC DEMO, not FLUX.1: a tiny FLUX.1-dev-architecture pipeline trained from scratch "
+      "on 32x32 synthetic scenes, 'a {colour} {shape} on a {colour} background' (shapes: circle, "
+      "square, triangle, cross, star; colours: red, green, blue, yellow, black, white); "
+      "transformer 2+2 blocks, 4 heads x 16; AutoencoderKL 3 levels, 4 latent channels; CLIP and "
+      "T5 text encoders 2 layers x 32 wide";
   demo.seed = 2024;
   DemoComponent transformer;
   transformer.name = "transformer";
   transformer.class_name = "FluxTransformer2DModel";
-  transformer.config = {{"patch_size", 1},          {"in_channels", 16},
-                        {"out_channels", nullptr},  {"num_layers", 1},
-                        {"num_single_layers", 1},   {"attention_head_dim", 16},
-                        {"num_attention_heads", 2}, {"joint_attention_dim", 32},
-                        {"pooled_projection_dim", 32}, {"guidance_embeds", true},
-                        {"axes_dims_rope", {4, 6, 6}}};
+  transformer.config = {
+      {"patch_size", 1},          {"in_channels", 16},          {"out_channels", nullptr},
+      {"num_layers", 2},          {"num_single_layers", 2},     {"attention_head_dim", 16},
+      {"num_attention_heads", 4}, {"joint_attention_dim", 32},  {"pooled_projection_dim", 32},
+      {"guidance_embeds", true},  {"axes_dims_rope", {4, 6, 6}}};
   transformer.single_file = "flux-tiny.safetensors";  // BFL naming
   DemoComponent vae;
   vae.name = "vae";
   vae.class_name = "AutoencoderKL";
-  vae.config = {{"in_channels", 3},
-                {"out_channels", 3},
-                {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D"}},
-                {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D"}},
-                {"block_out_channels", {16, 32}},
-                {"layers_per_block", 1},
-                {"act_fn", "silu"},
-                {"latent_channels", 4},
-                {"norm_num_groups", 8},
-                {"sample_size", 64},
-                {"scaling_factor", 0.3611},
-                {"shift_factor", 0.1159},
-                {"latents_mean", nullptr},
-                {"latents_std", nullptr},
-                {"force_upcast", true},
-                {"use_quant_conv", false},
-                {"use_post_quant_conv", false},
-                {"mid_block_add_attention", true}};
+  vae.config = {
+      {"in_channels", 3},
+      {"out_channels", 3},
+      {"down_block_types", {"DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"}},
+      {"up_block_types", {"UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"}},
+      {"block_out_channels", {16, 32, 32}},
+      {"layers_per_block", 1},
+      {"act_fn", "silu"},
+      {"latent_channels", 4},
+      {"norm_num_groups", 8},
+      {"sample_size", 32},
+      {"scaling_factor", 1.0},
+      {"shift_factor", 0.0},
+      {"latents_mean", nullptr},
+      {"latents_std", nullptr},
+      {"force_upcast", true},
+      {"use_quant_conv", false},
+      {"use_post_quant_conv", false},
+      {"mid_block_add_attention", true}};
   vae.single_file = "ae.safetensors";  // BFL/LDM naming
-  // FLUX.1's text encoders in miniature: CLIP-L's architecture (quick_gelu, causal, pooled at
-  // the first <|endoftext|>) and T5 v1.1's (gated-GELU, relative position buckets).
   DemoComponent clip;
   clip.name = "text_encoder";
   clip.class_name = "CLIPTextModel";
@@ -187,7 +163,7 @@ DemoPipelineRecipe FluxTinyDemo() {
                  {"projection_dim", 32},
                  {"num_hidden_layers", 2},
                  {"num_attention_heads", 4},
-                 {"max_position_embeddings", 77},
+                 {"max_position_embeddings", kFluxTinyMaxTokens},
                  {"hidden_act", "quick_gelu"},
                  {"layer_norm_eps", 1e-5},
                  {"attention_dropout", 0.0},
@@ -228,17 +204,17 @@ DemoPipelineRecipe FluxTinyDemo() {
   clip_tokenizer.name = "tokenizer";
   clip_tokenizer.kind = DemoTokenizerKind::kClipBpe;
   clip_tokenizer.vocab_size = kFluxTinyClipVocab;
-  clip_tokenizer.model_max_length = 77;
+  clip_tokenizer.model_max_length = kFluxTinyMaxTokens;
   clip_tokenizer.encoder = "text_encoder";
-  clip_tokenizer.corpus = kFluxTinyCorpus;
+  clip_tokenizer.corpus = FluxTinyCorpus();
   DemoTokenizer t5_tokenizer;
   t5_tokenizer.name = "tokenizer_2";
   t5_tokenizer.kind = DemoTokenizerKind::kT5SentencePiece;
   t5_tokenizer.vocab_size = kFluxTinyT5Vocab;
   t5_tokenizer.extra_ids = kFluxTinyT5Extra;
-  t5_tokenizer.model_max_length = 512;
+  t5_tokenizer.model_max_length = kFluxTinyMaxTokens;
   t5_tokenizer.encoder = "text_encoder_2";
-  t5_tokenizer.corpus = kFluxTinyCorpus;
+  t5_tokenizer.corpus = FluxTinyCorpus();
   demo.tokenizers = {clip_tokenizer, t5_tokenizer};
   demo.scheduler_config = {{"_class_name", "FlowMatchEulerDiscreteScheduler"},
                            {"base_image_seq_len", 256},
@@ -255,10 +231,34 @@ DemoPipelineRecipe FluxTinyDemo() {
                            {"use_dynamic_shifting", true},
                            {"use_exponential_sigmas", false},
                            {"use_karras_sigmas", false}};
-  // Stand-ins for the text encoders' outputs (8 tokens of T5 width, CLIP's pooled width), for
+  // Stand-ins for the text encoders' outputs (16 tokens of T5 width, CLIP's pooled width), for
   // requests that bring their own embeddings.
-  demo.example_inputs = {{"prompt_embeds", {8, 32}}, {"pooled_prompt_embeds", {32}}};
+  demo.example_inputs = {{"prompt_embeds", {kFluxTinyMaxTokens, 32}},
+                         {"pooled_prompt_embeds", {32}}};
   demo.absent_components = {"image_encoder", "feature_extractor"};
+  demo.prompt_template = "a {colour} {shape} on a {background} background";
+  demo.vocabulary = {"a", "on", "background"};
+  for (const std::string& w : FluxTinyShapes()) demo.vocabulary.push_back(w);
+  for (const std::string& w : FluxTinyColours()) demo.vocabulary.push_back(w);
+  return demo;
+}
+
+DemoPipelineRecipe FluxTinyDemo() {
+  DemoPipelineRecipe demo = FluxTinyDemoArchitecture();
+  const FluxTinyEmbeddedFiles& files = FluxTinyEmbedded();
+  for (DemoComponent& c : demo.components) {
+    if (c.name == "transformer") c.weights = files.transformer;
+    if (c.name == "text_encoder") c.weights = files.text_encoder;
+    if (c.name == "text_encoder_2") c.weights = files.text_encoder_2;
+    if (c.name == "vae") {
+      c.weights = files.vae;
+      // The latent statistics training measured (FluxTinyDemoArchitecture has 1 and 0).
+      const nlohmann::json vae_config = nlohmann::json::parse(files.vae_config, nullptr, false);
+      for (const char* key : {"scaling_factor", "shift_factor"}) {
+        if (vae_config.is_object() && vae_config.contains(key)) c.config[key] = vae_config[key];
+      }
+    }
+  }
   return demo;
 }
 
@@ -267,8 +267,9 @@ PipelineSpec MakeFluxPipelineSpec() {
   spec.class_name = "FluxPipeline";
   spec.description =
       "FLUX.1 text-to-image (flow-matching Euler; transformer + AutoencoderKL; prompt embeddings)";
-  spec.from_pretrained = [](const std::string& folder, const PipelineLoadOptions& options)
-      -> absl::StatusOr<std::unique_ptr<DiffusionPipeline>> {
+  spec.from_pretrained =
+      [](const std::string& folder,
+         const PipelineLoadOptions& options) -> absl::StatusOr<std::unique_ptr<DiffusionPipeline>> {
     FluxPipelineLoadOptions flux_options;
     flux_options.model = options.model;
     flux_options.pipeline = options.pipeline;

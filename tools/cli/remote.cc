@@ -301,6 +301,15 @@ void PrintInstance(const pb::GetMetadataResponse& md) {
   std::cout << "  dtype:     " << m.dtype() << " on " << m.device() << "\n";
   std::cout << "  source:    " << m.source() << "\n";
   std::cout << "  sha256:    " << (m.sha256().empty() ? "-" : m.sha256()) << "\n";
+  if (m.has_demo()) {
+    const pb::DemoModelInfo& d = m.demo();
+    std::cout << "  demo:      " << d.name() << (d.synthetic() ? ", SYNTHETIC demo model" : "")
+              << (d.trained() ? "" : ", random weights") << ": " << d.description() << "\n";
+    if (!d.prompt_template().empty()) {
+      std::cout << "  prompts:   " << d.prompt_template() << "; vocabulary "
+                << absl::StrJoin(d.vocabulary(), " ") << "\n";
+    }
+  }
   std::cout << "  memory:    parameters " << FormatBytes(m.parameter_bytes()) << ", adapters "
             << FormatBytes(m.adapter_bytes()) << "\n";
   if (m.adapters().empty()) {
