@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -182,6 +183,18 @@ struct Trainer {
   t5::T5EncoderImpl* t5 = nullptr;
   double shift = 0, scale = 1;
   Tensor img_ids, txt_ids;  // [16, 3], [L, 3]
+
+  // The VAE posterior (mean, logvar) of `images`, encoded 256 at a time (call without grad).
+  std::pair<Tensor, Tensor> Encode(const Tensor& images) const {
+    std::vector<Tensor> m, l;
+    for (int64_t i = 0; i < images.size(0); i += 256) {
+      const autoencoder_kl::Posterior p =
+          vae->encode(images.narrow(0, i, std::min<int64_t>(256, images.size(0) - i)));
+      m.push_back(p.mean.clone());
+      l.push_back(p.logvar.clone());
+    }
+    return {torch::cat(m), torch::cat(l)};
+  }
 
   // Packed flow-matching inputs x0 [B, S, 4C] from posterior means / logvars (sampled).
   Tensor X0(const Tensor& mean, const Tensor& logvar) const {
@@ -368,15 +381,7 @@ absl::StatusOr<nlohmann::json> Train(const FluxTinyTrainOptions& o) {
     Tensor means, logvars;
     {
       torch::NoGradGuard no_grad;
-      std::vector<Tensor> m, l;
-      for (int64_t i = 0; i < pool_size; i += 256) {
-        const autoencoder_kl::Posterior p =
-            tr.vae->encode(pool.images.narrow(0, i, std::min<int64_t>(256, pool_size - i)));
-        m.push_back(p.mean.clone());
-        l.push_back(p.logvar.clone());
-      }
-      means = torch::cat(m);
-      logvars = torch::cat(l);
+      std::tie(means, logvars) = tr.Encode(pool.images);
       tr.shift = means.mean().item<double>();
       tr.scale = 1.0 / (means - tr.shift).std().item<double>();
     }
@@ -458,15 +463,7 @@ absl::StatusOr<nlohmann::json> Train(const FluxTinyTrainOptions& o) {
     std::vector<int64_t> circles, others;
     {
       torch::NoGradGuard no_grad;
-      std::vector<Tensor> m, l;
-      for (int64_t i = 0; i < pool_size; i += 256) {
-        const autoencoder_kl::Posterior p =
-            tr.vae->encode(lora_pool.images.narrow(0, i, std::min<int64_t>(256, pool_size - i)));
-        m.push_back(p.mean.clone());
-        l.push_back(p.logvar.clone());
-      }
-      lora_means = torch::cat(m);
-      lora_logvars = torch::cat(l);
+      std::tie(lora_means, lora_logvars) = tr.Encode(lora_pool.images);
       for (int64_t i = 0; i < pool_size; ++i) {
         lora_caption[i] = caption_index(lora_pool.combinations[i]);
         (lora_pool.combinations[i].shape == Shape::kCircle ? circles : others).push_back(i);
