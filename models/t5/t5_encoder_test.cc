@@ -17,6 +17,7 @@
 #include "models/t5/spec.h"
 #include "models/t5/t5_encoder.h"
 #include "models/t5/weight_mapping.h"
+#include "testing/gradient_check.h"
 #include "testing/test_util.h"
 
 namespace ds::t5 {
@@ -271,24 +272,10 @@ TEST(T5DifferentiableTest, GradientMatchesFiniteDifferences) {
     SCOPED_TRACE(name);
     ASSERT_NE(params.find(name), nullptr);
     torch::Tensor p = params[name];
-    // The entry with the largest gradient, so that float32 rounding of the loss stays far below
-    // the difference being measured.
-    const torch::Tensor flat_grad = p.grad().reshape({-1});
-    const int64_t k = flat_grad.abs().argmax().item<int64_t>();
-    const double analytic = flat_grad[k].item<double>();
-    ASSERT_NE(analytic, 0.0);
-    const double h = 1e-2;
-    auto loss_at = [&](double delta) {
-      torch::NoGradGuard no_grad;
-      const torch::Tensor entry = p.view({-1}).narrow(0, k, 1);
-      const torch::Tensor saved = entry.clone();
-      entry.add_(delta);
-      const double value = loss().item<double>();
-      entry.copy_(saved);
-      return value;
-    };
-    const double numeric = (loss_at(h) - loss_at(-h)) / (2 * h);
-    EXPECT_NEAR(numeric, analytic, 2e-2 * std::abs(analytic)) << "entry " << k;
+    const test::GradientEntry g =
+        test::LargestGradientEntry(p, [&] { return loss().item<double>(); });
+    ASSERT_NE(g.analytic, 0.0);
+    EXPECT_NEAR(g.numeric, g.analytic, 2e-2 * std::abs(g.analytic)) << "entry " << g.index;
   }
 }
 
