@@ -119,7 +119,8 @@ struct GroupOffloader::Group {
   int64_t file_bytes = 0;  // page-aligned layout
   std::shared_ptr<FileMapping> file;
   std::mutex mu;
-  int64_t users = 0;  // guarded by mu
+  int64_t users = 0;       // guarded by mu
+  int64_t onload_seq = 0;  // guarded by mu; counts this group's onloads
 };
 
 // Reads group files ahead into the page cache on its own thread.
@@ -134,11 +135,24 @@ class GroupOffloader::Prefetcher {
     cv_.notify_all();
     thread_.join();
   }
+  // Reads group `g` ahead for its next onload. The read-ahead is skipped when that onload has
+  // already started by the time the thread gets to it (a fast forward overtook the prefetch):
+  // reading the file then would only leave its pages in the page cache after the group is
+  // offloaded again.
   void Request(int64_t g) {
+    Group& group = *owner_->groups_[g];
+    int64_t seq;
+    {
+      std::lock_guard group_lock(group.mu);
+      if (group.users > 0) return;  // resident already
+      seq = group.onload_seq;
+    }
     {
       std::lock_guard lock(mu_);
-      if (std::find(queue_.begin(), queue_.end(), g) != queue_.end()) return;
-      queue_.push_back(g);
+      for (const auto& [queued, unused] : queue_) {
+        if (queued == g) return;
+      }
+      queue_.emplace_back(g, seq);
     }
     cv_.notify_one();
   }
@@ -150,14 +164,19 @@ class GroupOffloader::Prefetcher {
     while (true) {
       cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
       if (stop_) return;
-      const int64_t g = queue_.front();
+      const auto [g, seq] = queue_.front();
       queue_.pop_front();
       lock.unlock();
-      const Group& group = *owner_->groups_[g];
-      // Best effort: a failed read-ahead only means the onload reads from disk itself.
-      if (group.file != nullptr &&
-          readahead(group.file->fd, 0, static_cast<size_t>(group.file_bytes)) == 0) {
-        ++done_;
+      Group& group = *owner_->groups_[g];
+      {
+        // Held across the read-ahead so the onload it serves cannot start (and finish, dropping
+        // the cached pages) in the middle of it.
+        std::lock_guard group_lock(group.mu);
+        // Best effort: a failed read-ahead only means the onload reads from disk itself.
+        if (group.file != nullptr && group.users == 0 && group.onload_seq == seq &&
+            readahead(group.file->fd, 0, static_cast<size_t>(group.file_bytes)) == 0) {
+          ++done_;
+        }
       }
       lock.lock();
     }
@@ -166,7 +185,7 @@ class GroupOffloader::Prefetcher {
   const GroupOffloader* owner_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<int64_t> queue_;
+  std::deque<std::pair<int64_t, int64_t>> queue_;  // (group, its onload_seq when requested)
   bool stop_ = false;
   std::atomic<int64_t> done_{0};
   std::thread thread_;  // last: starts after the members it uses exist
@@ -458,6 +477,7 @@ void GroupOffloader::Acquire(int64_t g) const {
         Offload(group);  // undo the entries already onloaded
         throw;
       }
+      ++group.onload_seq;
       ++onloads_;
       ++resident_groups_;
       resident_bytes_ += group.bytes;
