@@ -8,7 +8,8 @@ GOLDEN_DIR ?= $(abspath ../shared/golden)
 CMAKE_FLAGS ?=
 RUN_FLAGS ?=
 
-.PHONY: all deps configure build test run bench benchmarks fuzz clean train-demo
+.PHONY: all deps configure build test run bench benchmarks fuzz clean train-demo soak \
+  test-sanitize test-asan test-tsan
 
 all: build
 
@@ -68,6 +69,36 @@ bench: build
 	$(BUILD_DIR)/bench/adapter_store_bench
 	$(BUILD_DIR)/bench/cache_bench
 	$(BUILD_DIR)/bench/layerwise_casting_bench
+
+# Soak test (tests/soak_test.cc): the real server under mixed traffic (Generate with random adapter
+# stacks, LoadLoRA/UnloadLoRA churn, metadata calls, deliberate bad requests) for SOAK_SECONDS;
+# fails on RSS drift > 5% after warm-up, fd growth > 2 or any unexpected error.
+SOAK_SECONDS ?= 600
+soak: configure
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target soak_test diffusion-server
+	DS_SOAK_SECONDS=$(SOAK_SECONDS) OMP_NUM_THREADS=1 $(BUILD_DIR)/tests/soak_test
+
+# Sanitizer suites (clang; cmake/sanitizers.cmake, run-time options and third-party suppressions in
+# sanitizers/): the whole test suite under AddressSanitizer + UndefinedBehaviorSanitizer, with
+# the bounded libFuzzer runs of fuzz/ (label `fuzz`), then the tests labelled `concurrency` under
+# ThreadSanitizer. .ci/run runs it after `make test`.
+ASAN_DIR ?= build-asan
+TSAN_DIR ?= build-tsan
+SAN_CONFIGURE = CC=clang CXX=clang++ cmake -S . -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CXX_FLAGS_RELEASE=-O1 -DDS_GOLDEN_DIR=$(GOLDEN_DIR) $(CMAKE_FLAGS)
+SAN_ENV = ASAN_OPTIONS=$(shell cat sanitizers/asan.options) \
+  UBSAN_OPTIONS=$(shell cat sanitizers/ubsan.options) \
+  LSAN_OPTIONS=suppressions=$(abspath sanitizers/lsan.supp):print_suppressions=0 \
+  TSAN_OPTIONS=$(shell cat sanitizers/tsan.options):suppressions=$(abspath sanitizers/tsan.supp)
+test-sanitize: test-asan test-tsan
+test-asan: deps
+	$(SAN_CONFIGURE) -B $(ASAN_DIR) -DDS_SANITIZE=address
+	cmake --build $(ASAN_DIR) -j $(JOBS)
+	cd $(ASAN_DIR) && $(SAN_ENV) ctest --output-on-failure -j $(JOBS)
+test-tsan: deps
+	$(SAN_CONFIGURE) -B $(TSAN_DIR) -DDS_SANITIZE=thread
+	cmake --build $(TSAN_DIR) -j $(JOBS) --target concurrency_tests
+	cd $(TSAN_DIR) && $(SAN_ENV) ctest -L concurrency --output-on-failure -j $(JOBS)
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -300,7 +300,7 @@ absl::Status UseBlockDiagonalSplits(const LoraKeys& keys, const TensorMap& tenso
         break;
       }
       // Exact: every nonzero of these rows lies in the diagonal block.
-      ASSIGN_OR_RETURN(bool diagonal, TorchCall("checking for a block-diagonal lora_B", [&] {
+      ASSIGN_OR_RETURN(bool diagonal, TorchCall("checking for a block-diagonal lora_B", [&, begin = begin, count = count] {
                          torch::Tensor r = up.narrow(0, begin, count);
                          return torch::count_nonzero(r).item<int64_t>() ==
                                 torch::count_nonzero(r.narrow(1, j * part, part)).item<int64_t>();
@@ -395,7 +395,7 @@ absl::StatusOr<LoraKeys> MakeLoraKeys(const TensorMap& tensors,
     out.source[normalized] = key;
     out.shapes[normalized] = tensor.sizes().vec();
     if (tensor.numel() == 1) {
-      ASSIGN_OR_RETURN(out.scalars[normalized], TorchCall(absl::StrCat("reading ", key), [&] {
+      ASSIGN_OR_RETURN(out.scalars[normalized], TorchCall(absl::StrCat("reading ", key), [&tensor = tensor] {
                          return tensor.to(torch::kFloat64).item<double>();
                        }));
     }

@@ -227,7 +227,7 @@ absl::StatusOr<TensorMap> ExecuteMappingPlan(const MappingPlan& plan, const Tens
     ASSIGN_OR_RETURN(out[target],
                      TorchCall(
                          context,
-                         [&]() -> torch::Tensor {
+                         [&, &recipe = recipe]() -> torch::Tensor {
                            const torch::Tensor& s = src[0];
                            switch (recipe.op) {
                              case TensorRecipe::Op::kCopy:
