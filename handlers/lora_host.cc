@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "handlers/layerwise_casting.h"
+#include "handlers/mapping_guard.h"
 #include "handlers/state_dict.h"
 #include "handlers/status.h"
 #include "handlers/tensor_checks.h"
@@ -94,63 +95,72 @@ LoraHost::~LoraHost() = default;
 
 absl::StatusOr<LoraAdapterPtr> LoraHost::Prepare(const std::string& name, const std::string& path,
                                                  const AdapterLoadOptions& options) const {
-  if (!std::isfinite(options.default_weight)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "adapter '", name, "': default weight must be finite, got ", options.default_weight));
-  }
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
-    const int err = errno;
-    std::string msg = absl::StrCat("LoRA file ", path, ": ", std::strerror(err));
-    return err == ENOENT ? absl::NotFoundError(msg) : absl::InvalidArgumentError(msg);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    return absl::InvalidArgumentError(absl::StrCat("LoRA file ", path, ": not a regular file"));
-  }
-  if (static_cast<int64_t>(st.st_size) > options_.max_file_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("LoRA file ", path, " is ", st.st_size, " bytes, over the limit of ",
-                     options_.max_file_bytes, " bytes (max_file_bytes)"));
-  }
-  // The file is hashed on another thread while it is converted, validated and copied here.
-  std::unique_ptr<PendingDigest> digest;
-  ASSIGN_OR_RETURN(
-      LoadedLora loaded,
-      LoadLoraHashing(path, *handler_, param_shapes_,
-                      LoraLoadOptions{.allow_partial = options.allow_partial,
-                                      .check_finite = false},  // checked while copying below
-                      &digest));
-  if (!options.format_hint.empty() && loaded.lora.format != options.format_hint) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LoRA ", path, " is in format '", loaded.lora.format,
-                     "', not the expected '", options.format_hint, "'"));
-  }
-  auto adapter = std::make_shared<LoraAdapter>();
-  adapter->name = name;
-  adapter->path = options.source.empty() ? path : options.source;
-  adapter->format = loaded.lora.format;
-  adapter->default_weight = options.default_weight;
-  const ModelOptions& mo = model_->options();
-  for (const LoraModule& m : loaded.lora.modules) {
-    LoraModule copy = m;
-    const std::string what = absl::StrCat("LoRA '", path, "': module ", m.module);
-    ASSIGN_OR_RETURN(copy.down, CopyLoraTensor(m.down, mo, what + ": lora_A"));
-    ASSIGN_OR_RETURN(copy.up, CopyLoraTensor(m.up, mo, what + ": lora_B"));
-    ASSIGN_OR_RETURN(copy.bias, CopyLoraTensor(m.bias, mo, what + ": lora_B bias"));
-    adapter->bytes += Bytes(copy.down) + Bytes(copy.up) + Bytes(copy.bias);
-    adapter->modules.push_back(std::move(copy));
-  }
-  for (const LoraOverlay& o : loaded.lora.overlays) {
-    LoraOverlay copy = o;
-    ASSIGN_OR_RETURN(copy.value, CopyLoraTensor(o.value, mo,
-                                                absl::StrCat("LoRA '", path, "': parameter ",
-                                                             o.param)));
-    adapter->bytes += Bytes(copy.value);
-    adapter->overlays.push_back(std::move(copy));
-  }
-  adapter->sha256 = loaded.report.sha256 = loaded.lora.sha256 = digest->Join();
-  adapter->report = std::move(loaded.report);
-  return LoraAdapterPtr(std::move(adapter));
+  // Every file mapped while preparing is checked for truncation or in-place changes, also when
+  // preparing failed (a torn file is DATA_LOSS, whatever the bytes it left made the parser say):
+  // a torn read never becomes an adapter.
+  MappedReadScope reads;
+  auto prepare = [&]() -> absl::StatusOr<LoraAdapterPtr> {
+    if (!std::isfinite(options.default_weight)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "adapter '", name, "': default weight must be finite, got ", options.default_weight));
+    }
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+      const int err = errno;
+      std::string msg = absl::StrCat("LoRA file ", path, ": ", std::strerror(err));
+      return err == ENOENT ? absl::NotFoundError(msg) : absl::InvalidArgumentError(msg);
+    }
+    if (!S_ISREG(st.st_mode)) {
+      return absl::InvalidArgumentError(absl::StrCat("LoRA file ", path, ": not a regular file"));
+    }
+    if (static_cast<int64_t>(st.st_size) > options_.max_file_bytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("LoRA file ", path, " is ", st.st_size, " bytes, over the limit of ",
+                       options_.max_file_bytes, " bytes (max_file_bytes)"));
+    }
+    // The file is hashed on another thread while it is converted, validated and copied here.
+    std::unique_ptr<PendingDigest> digest;
+    ASSIGN_OR_RETURN(
+        LoadedLora loaded,
+        LoadLoraHashing(path, *handler_, param_shapes_,
+                        LoraLoadOptions{.allow_partial = options.allow_partial,
+                                        .check_finite = false},  // checked while copying below
+                        &digest));
+    if (!options.format_hint.empty() && loaded.lora.format != options.format_hint) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LoRA ", path, " is in format '", loaded.lora.format,
+                       "', not the expected '", options.format_hint, "'"));
+    }
+    auto adapter = std::make_shared<LoraAdapter>();
+    adapter->name = name;
+    adapter->path = options.source.empty() ? path : options.source;
+    adapter->format = loaded.lora.format;
+    adapter->default_weight = options.default_weight;
+    const ModelOptions& mo = model_->options();
+    for (const LoraModule& m : loaded.lora.modules) {
+      LoraModule copy = m;
+      const std::string what = absl::StrCat("LoRA '", path, "': module ", m.module);
+      ASSIGN_OR_RETURN(copy.down, CopyLoraTensor(m.down, mo, what + ": lora_A"));
+      ASSIGN_OR_RETURN(copy.up, CopyLoraTensor(m.up, mo, what + ": lora_B"));
+      ASSIGN_OR_RETURN(copy.bias, CopyLoraTensor(m.bias, mo, what + ": lora_B bias"));
+      adapter->bytes += Bytes(copy.down) + Bytes(copy.up) + Bytes(copy.bias);
+      adapter->modules.push_back(std::move(copy));
+    }
+    for (const LoraOverlay& o : loaded.lora.overlays) {
+      LoraOverlay copy = o;
+      ASSIGN_OR_RETURN(copy.value, CopyLoraTensor(o.value, mo,
+                                                  absl::StrCat("LoRA '", path, "': parameter ",
+                                                               o.param)));
+      adapter->bytes += Bytes(copy.value);
+      adapter->overlays.push_back(std::move(copy));
+    }
+    adapter->sha256 = loaded.report.sha256 = loaded.lora.sha256 = digest->Join();
+    adapter->report = std::move(loaded.report);
+    return LoraAdapterPtr(std::move(adapter));
+  };
+  absl::StatusOr<LoraAdapterPtr> prepared = prepare();
+  RETURN_IF_ERROR(reads.Check());
+  return prepared;
 }
 
 absl::StatusOr<AdapterLoadResult> LoraHost::Load(const std::string& name, const std::string& path,

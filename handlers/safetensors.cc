@@ -19,6 +19,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "handlers/mapping_guard.h"
 #include "handlers/status.h"
 
 namespace ds {
@@ -35,12 +36,14 @@ class MappedFile {
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   ~MappedFile() {
+    guard_.reset();  // unregistered before the pages go
     if (addr_ != nullptr) munmap(addr_, size_);
   }
 
   char* data() const { return static_cast<char*>(addr_); }
   std::size_t size() const { return size_; }
   const std::string& identity() const { return identity_; }
+  const MappingHealth& health() const { return *health_; }
   std::string identity_;  // see SafetensorsFile::identity()
 
  private:
@@ -48,6 +51,8 @@ class MappedFile {
 
   void* addr_;
   std::size_t size_;
+  std::shared_ptr<MappingHealth> health_ = std::make_shared<MappingHealth>();
+  std::unique_ptr<MappingGuard> guard_;  // SIGBUS recovery for the mapping (mapping_guard.h)
 };
 
 namespace {
@@ -240,6 +245,8 @@ absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Map(const std::string& p
   if (size == 0) {
     std::shared_ptr<MappedFile> empty(new MappedFile(nullptr, 0));
     empty->identity_ = identity;
+    RETURN_IF_ERROR(FillMappingHealth(fd, path, *empty->health_));
+    empty->guard_ = std::make_unique<MappingGuard>(nullptr, 0, empty->health_);
     return empty;
   }
   // MAP_PRIVATE + PROT_WRITE: views are writable, writes are copy-on-write and never reach the
@@ -250,6 +257,8 @@ absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Map(const std::string& p
   }
   std::shared_ptr<MappedFile> mapped(new MappedFile(addr, size));
   mapped->identity_ = identity;
+  RETURN_IF_ERROR(FillMappingHealth(fd, path, *mapped->health_));
+  mapped->guard_ = std::make_unique<MappingGuard>(addr, size, mapped->health_);
   return mapped;
 }
 
@@ -288,6 +297,8 @@ absl::StatusOr<const TensorInfo*> SafetensorsFile::info(const std::string& name)
 }
 
 const std::string& SafetensorsFile::identity() const { return mapping_->identity(); }
+
+absl::Status SafetensorsFile::CheckUnchanged() const { return mapping_->health().Check(); }
 
 std::string_view SafetensorsFile::mapped_bytes() const {
   return std::string_view(mapping_->data(), mapping_->size());
@@ -409,7 +420,7 @@ absl::Status WriteSafetensors(const std::string& path,
       return absl::InvalidArgumentError(absl::StrCat(
           context, ": dtype ", c10::toString(tensor.scalar_type()), " has no safetensors type"));
     }
-    ASSIGN_OR_RETURN(torch::Tensor c, TorchCall(context, [&] {
+    ASSIGN_OR_RETURN(torch::Tensor c, TorchCall(context, [&tensor = tensor] {
                        return tensor.detach().to(torch::kCPU).contiguous();
                      }));
     TensorInfo info;

@@ -40,8 +40,10 @@ class SafetensorsFile {
  public:
   // Maps and validates `path`. NOT_FOUND if it does not exist; INVALID_ARGUMENT (naming the file
   // and tensor) if the header is invalid (see safetensors::ParseHeader) or `path` is not a regular
-  // file; INTERNAL for I/O errors. Only the header pages are read here. The file must not be
-  // truncated while mapped (touching a vanished page raises SIGBUS, as with any mmap).
+  // file; INTERNAL for I/O errors. Only the header pages are read here. The mapping is guarded
+  // (handlers/mapping_guard.h): if the file is truncated while mapped, the vanished pages read as
+  // zeros instead of raising SIGBUS, and CheckUnchanged() / an enclosing MappedReadScope reports
+  // it; loaders check before they commit.
   static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> Open(const std::string& path);
 
   const std::string& path() const { return path_; }
@@ -58,6 +60,9 @@ class SafetensorsFile {
   // modification and status-change times (ns). Rewriting the file changes the status-change time,
   // which only the kernel sets, so an equal identity means the same bytes (as git's index assumes).
   const std::string& identity() const;
+  // OK, or DATA_LOSS naming the file if it was truncated or modified in place since Open()
+  // (MappingHealth::Check).
+  absl::Status CheckUnchanged() const;
 
   // The tensor `name` (view over the mapping; see the header comment). NOT_FOUND when absent;
   // INTERNAL if LibTorch fails (e.g. out of memory for an F8 or misaligned copy). Views do not

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <exception>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -39,6 +40,11 @@
 
 namespace ds {
 
+// Put in the message of an exception thrown because the process memory budget refused an
+// allocation (handlers/memory_budget.h), so that TorchCall recognises it even after LibTorch
+// rethrew it as a c10::Error (at::parallel_for does).
+inline constexpr char kMemoryBudgetMarker[] = "[memory budget exceeded]";
+
 // Prefixes a status message with context, keeping the code. OK passes through.
 inline absl::Status Annotate(const absl::Status& s, absl::string_view context) {
   if (s.ok()) return s;
@@ -47,20 +53,27 @@ inline absl::Status Annotate(const absl::Status& s, absl::string_view context) {
 
 // Runs `fn` (which may throw c10::Error or any std::exception) and returns its result as a
 // StatusOr. Exceptions become INTERNAL (or INVALID_ARGUMENT when `bad_input_code` says so) with
-// `context` prefixed. Use it exactly where LibTorch is called.
+// `context` prefixed. An allocation that failed becomes RESOURCE_EXHAUSTED: std::bad_alloc,
+// LibTorch's "DefaultCPUAllocator: can't allocate memory", or a message carrying kMemoryBudgetMarker.
+// Use it exactly where LibTorch is called.
 template <typename Fn>
 auto TorchCall(absl::string_view context, Fn&& fn,
                absl::StatusCode code = absl::StatusCode::kInternal)
     -> absl::StatusOr<decltype(fn())> {
   try {
     return fn();
+  } catch (const std::bad_alloc& e) {
+    return absl::ResourceExhaustedError(absl::StrCat(context, ": out of memory: ", e.what()));
   } catch (const std::exception& e) {
     std::string what = e.what();
     // c10::Error appends a C++ backtrace after the first line; keep the message only.
     if (auto pos = what.find("\nException raised from"); pos != std::string::npos) {
       what.resize(pos);
     }
-    return absl::Status(code, absl::StrCat(context, ": ", what));
+    const bool out_of_memory = what.find(kMemoryBudgetMarker) != std::string::npos ||
+                               what.find("DefaultCPUAllocator: can't allocate memory") != std::string::npos;
+    return absl::Status(out_of_memory ? absl::StatusCode::kResourceExhausted : code,
+                        absl::StrCat(context, ": ", what));
   }
 }
 

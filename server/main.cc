@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -19,10 +20,12 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "handlers/flow_match_scheduler.h"
+#include "handlers/memory_budget.h"
 #include "handlers/threads.h"
 #include "server/auth.h"
 #include "server/logging.h"
@@ -82,6 +85,12 @@ ABSL_FLAG(int64_t, adapter_store_poll_ms, kDefaults.adapter_store_poll_ms,
 ABSL_FLAG(int64_t, adapter_memory_budget_bytes, kDefaults.adapter_memory_budget_bytes,
           "LoRA tensor bytes each model instance may hold; least recently used adapters are "
           "evicted beyond it");
+ABSL_FLAG(int64_t, memory_budget_bytes, kDefaults.memory_budget_bytes,
+          "Budget for LibTorch CPU tensor bytes in the whole process (weights in memory, "
+          "activations, outputs; not mmap'd weight files, gRPC buffers or the heap): a request "
+          "whose allocation would pass it fails with RESOURCE_EXHAUSTED and the server keeps "
+          "serving, instead of being OOM-killed. 0 = off. Set it below the container's memory "
+          "limit (cgroup memory.max) by a margin for what it does not count");
 ABSL_FLAG(int64_t, max_steps, kDefaults.max_steps, "Largest Generate step count");
 ABSL_FLAG(int64_t, default_steps, kDefaults.default_steps, "Generate steps when a request gives 0");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain file (TLS; needs --tls_key)");
@@ -126,6 +135,16 @@ std::string EmbeddedDir(const std::string& flag) {
   std::error_code ec;
   const std::filesystem::path tmp = std::filesystem::temp_directory_path(ec);
   return absl::StrCat(ec ? "/tmp" : tmp.string(), "/diffusion-server-", getuid());
+}
+
+// The cgroup v2 memory limit of this process (memory.max), or 0 when there is none or it cannot be
+// read.
+int64_t CgroupMemoryLimit() {
+  std::ifstream in("/sys/fs/cgroup/memory.max");
+  std::string value;
+  if (!(in >> value) || value == "max") return 0;
+  int64_t bytes = 0;
+  return absl::SimpleAtoi(value, &bytes) ? bytes : 0;
 }
 
 int Fail(const std::string& message, int code = 2) {
@@ -176,6 +195,7 @@ int main(int argc, char** argv) {
   options.adapter_memory_budget_bytes = absl::GetFlag(FLAGS_adapter_memory_budget_bytes);
   options.adapter_store = absl::GetFlag(FLAGS_adapter_store);
   options.adapter_store_poll_ms = absl::GetFlag(FLAGS_adapter_store_poll_ms);
+  options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   options.max_steps = absl::GetFlag(FLAGS_max_steps);
   options.default_steps = absl::GetFlag(FLAGS_default_steps);
   options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
@@ -199,6 +219,19 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--log_format: ", s.message()));
   }
   ds::SetIntraOpThreads(options.threads);
+  // Before any model loads, so that their weights count.
+  if (options.memory_budget_bytes > 0) {
+    if (absl::Status s = ds::InstallCpuMemoryBudget(options.memory_budget_bytes); !s.ok()) {
+      return Fail(absl::StrCat("--memory_budget_bytes: ", s.message()));
+    }
+    const int64_t cgroup_limit = CgroupMemoryLimit();
+    if (cgroup_limit > 0 && options.memory_budget_bytes >= cgroup_limit) {
+      spdlog::warn("--memory_budget_bytes={} is not below the cgroup memory limit ({} bytes): the "
+                   "OOM killer may still end the process first",
+                   options.memory_budget_bytes, cgroup_limit);
+    }
+    spdlog::info("CPU tensor memory budget: {} bytes", options.memory_budget_bytes);
+  }
 
   // Management authorization.
   if (!options.admin_token_file.empty() && options.insecure_allow_management) {

@@ -16,6 +16,7 @@
 #include "handlers/digest.h"
 #include "handlers/group_offloading.h"
 #include "handlers/layerwise_casting.h"
+#include "handlers/mapping_guard.h"
 #include "handlers/pipeline.h"
 #include "handlers/single_file.h"
 #include "handlers/state_dict.h"
@@ -30,6 +31,22 @@ constexpr size_t kMaxNameLength = 128;
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Runs a model build; an exception that escaped it (e.g. a memory budget refusal from a LibTorch
+// call outside TorchCall) becomes its status, so FinishLoad always runs and the name never stays
+// LOADING (RESOURCE_EXHAUSTED for an allocation, see TorchCall).
+template <typename Build>
+absl::StatusOr<ModelInstance> BuildCatching(const std::string& context, Build& build) {
+  // Every file the build maps is checked for truncation or in-place changes before the instance
+  // can be committed, also when the build failed (a torn file is DATA_LOSS, whatever its bytes
+  // made the loaders say).
+  MappedReadScope reads;
+  absl::StatusOr<ModelInstance> built = absl::InternalError("not built");
+  const absl::Status thrown = TorchCallVoid(context, [&] { built = build(); });
+  RETURN_IF_ERROR(reads.Check());
+  if (!thrown.ok()) return thrown;
+  return built;
 }
 
 absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
@@ -260,7 +277,7 @@ absl::StatusOr<LoadModelResult> ModelManager::LoadEmbedded(const std::string& na
                                    "), config ", EmbeddedDefaultConfig().dump());
     return instance;
   };
-  absl::StatusOr<ModelInstance> built = build();
+  absl::StatusOr<ModelInstance> built = BuildCatching("loading the embedded default model", build);
   return FinishLoad(name, std::move(built), SecondsSince(start));
 }
 
@@ -388,7 +405,8 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
     instance.demo = request.demo;
     return instance;
   };
-  absl::StatusOr<ModelInstance> built = build();
+  absl::StatusOr<ModelInstance> built =
+      BuildCatching(absl::StrCat("loading ", request.path), build);
   return FinishLoad(request.name, std::move(built), SecondsSince(start));
 }
 

@@ -61,6 +61,14 @@ struct ServerOptions {
   // Tensor bytes of LoRA adapters each model instance may hold (LRU eviction beyond it).
   int64_t adapter_memory_budget_bytes = int64_t{4} << 30;
 
+  // Process-wide budget for the bytes of LibTorch CPU tensors (handlers/memory_budget.h: model
+  // weights copied or cast into memory, activations, outputs; not mmap'd safetensors views, gRPC
+  // or protobuf buffers, or the C++ heap). An allocation past it fails its request (Generate,
+  // LoadSingleFile, LoadLoRA, ...) with RESOURCE_EXHAUSTED and the server keeps serving, instead of
+  // the process growing into the kernel's OOM killer. <= 0 = off (the default). Set it below the
+  // container's memory limit by a margin for what it does not count.
+  int64_t memory_budget_bytes = 0;
+
   // TLS: PEM certificate chain and private key files; both empty = plaintext. One without the
   // other is an error.
   std::string tls_cert;

@@ -627,7 +627,14 @@ grpc::ServerUnaryReactor* DiffusionService::Management(grpc::CallbackServerConte
   if (status.ok() && draining_.load()) status = Draining();
   if (status.ok()) {
     status =
-        management_->Submit([work, finish, log]() mutable { finish(work(log.get())); }, finish);
+        management_->Submit(
+            [work, finish, log, rpc]() mutable {
+              // As in RunGenerate: an escaped exception fails the call, not the worker.
+              absl::Status done;
+              absl::Status thrown = TorchCallVoid(rpc, [&] { done = work(log.get()); });
+              finish(thrown.ok() ? done : thrown);
+            },
+            finish);
   }
   if (!status.ok()) finish(status);
   return reactor;
@@ -1495,7 +1502,12 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
     reactor->Send(std::move(message));
     return absl::OkStatus();
   };
-  const absl::Status status = run();
+  // An exception that escaped a LibTorch call outside TorchCall (e.g. the memory budget refusing
+  // an allocation) fails this request, not the worker thread.
+  absl::Status status;
+  if (absl::Status thrown = TorchCallVoid("Generate", [&] { status = run(); }); !thrown.ok()) {
+    status = thrown;
+  }
   // Release the snapshots before reporting completion, so an unloaded instance or adapter is
   // freed as soon as the last request using it has finished.
   job.stack.reset();

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "handlers/image.h"
+#include "handlers/mapping_guard.h"
 #include "handlers/registry.h"
 #include "handlers/safetensors.h"
 #include "handlers/single_file.h"
@@ -1155,6 +1156,9 @@ absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& nam
     }
   }
   const ModelOptions& mo = components_.transformer->model().options();
+  // The adapter and encoder files must not have been truncated or rewritten while read (checked
+  // before the adapter is registered).
+  MappedReadScope reads;
   ASSIGN_OR_RETURN(FluxIPAdapterPtr adapter,
                    FluxIPAdapter::Load(path, transformer_config_, mo.dtype, mo.device));
 
@@ -1203,6 +1207,7 @@ absl::StatusOr<IPAdapterInfo> FluxPipeline::LoadIPAdapter(const std::string& nam
   entry->info.image_embed_dim = adapter->image_embed_dim();
   entry->info.num_layers = adapter->num_layers();
   entry->info.memory_bytes = adapter->memory_bytes();
+  RETURN_IF_ERROR(reads.Check());
   const IPAdapterInfo info = entry->info;
 
   std::lock_guard lock(ip_mu_);
