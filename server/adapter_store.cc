@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/string_view.h"
 #include "handlers/digest.h"
 #include "handlers/lora_format.h"
 #include "handlers/safetensors.h"
@@ -79,10 +81,83 @@ int64_t NowUnixMs() {
       .count();
 }
 
+// When this process started (static initialization, before any store file is written): a
+// temporary file with this process's id but older than this was left by an earlier process that
+// had the same id (a restarted container's pid 1).
+const absl::Time kProcessStart = absl::Now();
+
+// "<host>-<pid>-<16 hex digits>": temporary file names say which writer made them, so Open can
+// delete those of a dead writer on this host (see RemoveDeadWritersTemps).
 std::string RandomSuffix() {
   static thread_local std::mt19937_64 rng(std::random_device{}() ^ static_cast<uint64_t>(::getpid())
                                                                        << 32);
-  return absl::StrCat(::getpid(), "-", absl::Hex(rng(), absl::kZeroPad16));
+  return absl::StrCat(HostName(), "-", ::getpid(), "-", absl::Hex(rng(), absl::kZeroPad16));
+}
+
+// An I/O failure: RESOURCE_EXHAUSTED when the filesystem is full (ENOSPC, EDQUOT), else INTERNAL.
+absl::Status IoError(int err, absl::string_view message) {
+  const std::string text = absl::StrCat(message, ": ", Errno(err));
+  if (err == ENOSPC || err == EDQUOT) return absl::ResourceExhaustedError(text);
+  return absl::InternalError(text);
+}
+
+// Whether the temporary file `name` (".tmp-<host>-<pid>-<hex>") in `dir` was left by a writer of
+// this host that is gone: last modified before this process started, and its pid is not running
+// or is this process's (an earlier process with the same pid). Files of other hosts, of live
+// processes, written since this process started (a writer in another pid namespace that shares
+// the host name), or of an unknown naming are not (Sweep deletes them once old).
+bool WrittenByDeadWriter(const std::string& dir, const std::string& name, const std::string& host) {
+  if (host.empty() || !absl::StartsWith(name, kTempPrefix)) return false;
+  const std::string rest = name.substr(std::strlen(kTempPrefix));
+  const size_t hex_dash = rest.rfind('-');
+  if (hex_dash == std::string::npos || hex_dash == 0) return false;
+  const size_t pid_dash = rest.rfind('-', hex_dash - 1);
+  if (pid_dash == std::string::npos || rest.substr(0, pid_dash) != host) return false;
+  const std::string pid_text = rest.substr(pid_dash + 1, hex_dash - pid_dash - 1);
+  if (pid_text.empty() || pid_text.size() > 9 ||
+      !std::all_of(pid_text.begin(), pid_text.end(),
+                   [](char ch) { return ch >= '0' && ch <= '9'; })) {
+    return false;
+  }
+  const pid_t pid = static_cast<pid_t>(std::stol(pid_text));
+  if (pid <= 0) return false;
+  struct stat st;
+  if (::lstat(absl::StrCat(dir, "/", name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  if (absl::TimeFromTimespec(st.st_mtim) >= kProcessStart) return false;
+  return pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH);
+}
+
+// Deletes the temporary files that dead writers of this host left in every instance folder under
+// `layout` (a process killed mid-publish); returns how many. Best effort.
+int RemoveDeadWritersTemps(const std::string& layout) {
+  const std::string host = HostName();
+  DIR* top = ::opendir(layout.c_str());
+  if (top == nullptr) return 0;
+  std::vector<std::string> dirs;
+  while (dirent* e = ::readdir(top)) {
+    const std::string name = e->d_name;
+    if (absl::EndsWith(name, ".d") && name != "." && name != "..") {
+      dirs.push_back(absl::StrCat(layout, "/", name));
+    }
+  }
+  ::closedir(top);
+  int deleted = 0;
+  for (const std::string& dir : dirs) {
+    DIR* d = ::opendir(dir.c_str());
+    if (d == nullptr) continue;
+    std::vector<std::string> temps;
+    while (dirent* e = ::readdir(d)) {
+      if (WrittenByDeadWriter(dir, e->d_name, host)) temps.push_back(e->d_name);
+    }
+    ::closedir(d);
+    for (const std::string& name : temps) {
+      if (::unlink(absl::StrCat(dir, "/", name).c_str()) == 0) {
+        ++deleted;
+        spdlog::info("adapter store: deleted {}/{} (left by a writer that is gone)", dir, name);
+      }
+    }
+  }
+  return deleted;
 }
 
 absl::Status FsyncDir(const std::string& dir) {
@@ -105,8 +180,7 @@ absl::StatusOr<std::string> WriteTemp(const std::string& dir, const void* data, 
   const std::string path = absl::StrCat(dir, "/", kTempPrefix, RandomSuffix());
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) {
-    return absl::InternalError(
-        absl::StrCat("adapter store: cannot create a file for ", shown, ": ", Errno(errno)));
+    return IoError(errno, absl::StrCat("adapter store: cannot create a file for ", shown));
   }
   const char* p = static_cast<const char*>(data);
   size_t done = 0;
@@ -117,16 +191,19 @@ absl::StatusOr<std::string> WriteTemp(const std::string& dir, const void* data, 
       const int err = errno;
       ::close(fd);
       ::unlink(path.c_str());
-      return absl::InternalError(
-          absl::StrCat("adapter store: cannot write ", shown, ": ", Errno(err)));
+      return IoError(n == 0 ? ENOSPC : err, absl::StrCat("adapter store: cannot write ", shown));
     }
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const int err = errno;
+  // Both always run (an fsync failure must not leak the descriptor); the first error wins.
+  const int synced = ::fsync(fd);
+  const int sync_err = errno;
+  const int closed = ::close(fd);
+  const int close_err = errno;
+  if (synced != 0 || closed != 0) {
     ::unlink(path.c_str());
-    return absl::InternalError(
-        absl::StrCat("adapter store: cannot flush ", shown, ": ", Errno(err)));
+    return IoError(synced != 0 ? sync_err : close_err,
+                   absl::StrCat("adapter store: cannot flush ", shown));
   }
   return path;
 }
@@ -274,6 +351,7 @@ absl::StatusOr<std::unique_ptr<AdapterStore>> AdapterStore::Open(const std::stri
     return absl::FailedPreconditionError(
         absl::StrCat("adapter store ", root, " is not writable by this process"));
   }
+  RemoveDeadWritersTemps(layout);
   return std::unique_ptr<AdapterStore>(new AdapterStore(root));
 }
 
@@ -296,8 +374,7 @@ absl::StatusOr<AdapterDescriptor> AdapterStore::Publish(AdapterDescriptor d,
   if (::mkdir(dir.c_str(), 0755) == 0) {
     RETURN_IF_ERROR(FsyncDir(absl::StrCat(root_, "/", kLayout)));
   } else if (errno != EEXIST) {
-    return absl::InternalError(
-        absl::StrCat("adapter store: cannot create ", Shown(d.instance, ""), ": ", Errno(errno)));
+    return IoError(errno, absl::StrCat("adapter store: cannot create ", Shown(d.instance, "")));
   }
   std::optional<AdapterDescriptor> previous;
   if (absl::StatusOr<AdapterDescriptor> old = Read(d.instance, d.name); old.ok()) {
@@ -327,8 +404,7 @@ absl::StatusOr<AdapterDescriptor> AdapterStore::Publish(AdapterDescriptor d,
     if (::rename(temp.c_str(), absl::StrCat(dir, "/", d.blob).c_str()) != 0) {
       const int err = errno;
       ::unlink(temp.c_str());
-      return absl::InternalError(
-          absl::StrCat("adapter store: cannot rename into ", shown_blob, ": ", Errno(err)));
+      return IoError(err, absl::StrCat("adapter store: cannot rename into ", shown_blob));
     }
   }
   RETURN_IF_ERROR(FsyncDir(dir));
@@ -344,8 +420,7 @@ absl::StatusOr<AdapterDescriptor> AdapterStore::Publish(AdapterDescriptor d,
     if (::rename(temp.c_str(), target.c_str()) != 0) {
       const int err = errno;
       ::unlink(temp.c_str());
-      return absl::InternalError(
-          absl::StrCat("adapter store: cannot rename into ", shown_descriptor, ": ", Errno(err)));
+      return IoError(err, absl::StrCat("adapter store: cannot rename into ", shown_descriptor));
     }
   } else {
     // link() fails if the name exists: an entry created concurrently elsewhere wins.
@@ -358,8 +433,7 @@ absl::StatusOr<AdapterDescriptor> AdapterStore::Publish(AdapterDescriptor d,
             absl::StrCat("adapter '", d.name, "' of model '", d.instance,
                          "' was just added to the adapter store by another replica"));
       }
-      return absl::InternalError(
-          absl::StrCat("adapter store: cannot create ", shown_descriptor, ": ", Errno(err)));
+      return IoError(err, absl::StrCat("adapter store: cannot create ", shown_descriptor));
     }
   }
   RETURN_IF_ERROR(FsyncDir(dir));

@@ -76,6 +76,10 @@ class AdapterStore {
  public:
   // Opens (creating <root>/v1 when missing) the store at `root`. INVALID_ARGUMENT for an empty
   // root; FAILED_PRECONDITION when it is not a writable folder (the message names it).
+  // Temporary files are named ".tmp-<host>-<pid>-<random>"; Open deletes those that a writer of
+  // this host left when it died mid-publish (last modified before this process started, and
+  // their pid is not running or is this process's). Other hosts' temporary files are left to
+  // Sweep.
   static absl::StatusOr<std::unique_ptr<AdapterStore>> Open(const std::string& root);
 
   const std::string& root() const { return root_; }
@@ -84,8 +88,11 @@ class AdapterStore {
   // etc. filled; blob/file_bytes/published_* are set here) and returns the descriptor written.
   // The file is copied while it is hashed again: ABORTED when its bytes no longer match d.sha256
   // (it changed since it was loaded). With !replace, ALREADY_EXISTS when the entry exists (also
-  // when another replica created it concurrently). INVALID_ARGUMENT for a bad name; INTERNAL for
-  // an I/O error (naming the file).
+  // when another replica created it concurrently). INVALID_ARGUMENT for a bad name;
+  // RESOURCE_EXHAUSTED when the store's filesystem is full (ENOSPC, EDQUOT) and INTERNAL for
+  // another I/O error, both naming the store file; after an error the entry is as it was and no
+  // temporary file of this call remains (a complete adapter file whose descriptor could not be
+  // written stays unnamed until Sweep deletes it).
   absl::StatusOr<AdapterDescriptor> Publish(AdapterDescriptor d, const std::string& file,
                                             bool replace);
 
