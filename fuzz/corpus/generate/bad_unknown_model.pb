@@ -1,0 +1,2 @@
+
+no-such-model08P X ¢#a red circle on a yellow background

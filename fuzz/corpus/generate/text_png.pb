@@ -1,0 +1,2 @@
+
+	flux-tiny08P X ¢#a red circle on a yellow background
