@@ -48,6 +48,7 @@
 #include "server/tensor_proto.h"
 #include "testing/lora_util.h"
 #include "testing/server_process.h"
+#include "testing/http_get.h"
 #include "testing/test_util.h"
 
 namespace ds {
@@ -80,23 +81,7 @@ std::unique_ptr<grpc::ClientContext> Context(double seconds = 60, bool admin = f
   return ctx;
 }
 
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\n\r\n");
-    (void)!send(fd, request.data(), request.size(), 0);
-    char buf[4096];
-    ssize_t n;
-    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) response.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  return response;
-}
+using ::ds::test::HttpGet;
 
 // The sum of the samples of `family` whose labels include every `labels` pair.
 double MetricSum(const std::string& exposition, const std::string& family,

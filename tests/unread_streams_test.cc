@@ -32,6 +32,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "testing/proc_stats.h"
 #include "testing/server_process.h"
+#include "testing/http_get.h"
 #include "testing/test_util.h"
 
 namespace ds {
@@ -65,24 +66,7 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// GET http://127.0.0.1:<port><path>, the whole response ("" if the connection failed).
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = absl::StrCat("GET ", path, " HTTP/1.0\r\n\r\n");
-    (void)!send(fd, request.data(), request.size(), 0);
-    char buf[4096];
-    ssize_t n;
-    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) response.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  return response;
-}
+using ::ds::test::HttpGet;
 
 // The value of the Prometheus sample `series` (name{labels}) in `text`, or -1.
 double MetricValue(const std::string& text, const std::string& series) {
