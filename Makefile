@@ -95,6 +95,14 @@ test-asan: deps
 	$(SAN_CONFIGURE) -B $(ASAN_DIR) -DDS_SANITIZE=address
 	cmake --build $(ASAN_DIR) -j $(JOBS)
 	cd $(ASAN_DIR) && $(SAN_ENV) ctest --output-on-failure -j $(JOBS)
+# A longer fuzzing campaign (every libFuzzer target for FUZZ_SECONDS each, two at a time) in the
+# ASan build; prints the executions per target. make fuzz FUZZ_SECONDS=600
+FUZZ_SECONDS ?= 300
+fuzz: deps
+	$(SAN_CONFIGURE) -B $(ASAN_DIR) -DDS_SANITIZE=address
+	cmake --build $(ASAN_DIR) -j $(JOBS) --target safetensors_header_fuzz lora_format_fuzz \
+	  single_file_fuzz tokenizer_fuzz image_decode_fuzz generate_request_fuzz
+	scripts/fuzz_campaign.sh $(ASAN_DIR) $(FUZZ_SECONDS) $(JOBS)
 test-tsan: deps
 	$(SAN_CONFIGURE) -B $(TSAN_DIR) -DDS_SANITIZE=thread
 	cmake --build $(TSAN_DIR) -j $(JOBS) --target concurrency_tests

@@ -91,6 +91,9 @@ ABSL_FLAG(int64_t, memory_budget_bytes, kDefaults.memory_budget_bytes,
           "whose allocation would pass it fails with RESOURCE_EXHAUSTED and the server keeps "
           "serving, instead of being OOM-killed. 0 = off. Set it below the container's memory "
           "limit (cgroup memory.max) by a margin for what it does not count");
+ABSL_FLAG(std::string, offload_dir, "",
+          "Directory for disk-backed group offloading (LoadSingleFile group_offload): one "
+          "unlinked memory-mapped file per group; default $TMPDIR, else /tmp");
 ABSL_FLAG(int64_t, max_steps, kDefaults.max_steps, "Largest Generate step count");
 ABSL_FLAG(int64_t, default_steps, kDefaults.default_steps, "Generate steps when a request gives 0");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain file (TLS; needs --tls_key)");
@@ -196,6 +199,7 @@ int main(int argc, char** argv) {
   options.adapter_store = absl::GetFlag(FLAGS_adapter_store);
   options.adapter_store_poll_ms = absl::GetFlag(FLAGS_adapter_store_poll_ms);
   options.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
+  options.offload_dir = absl::GetFlag(FLAGS_offload_dir);
   options.max_steps = absl::GetFlag(FLAGS_max_steps);
   options.default_steps = absl::GetFlag(FLAGS_default_steps);
   options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
@@ -205,6 +209,13 @@ int main(int argc, char** argv) {
   options.embedded_dir = absl::GetFlag(FLAGS_embedded_dir);
 
   if (options.workers_per_device < 1) return Fail("--workers must be at least 1");
+  if (!options.offload_dir.empty()) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(options.offload_dir, ec)) {
+      return Fail(absl::StrCat("--offload_dir: '", options.offload_dir,
+                               "' is not an existing directory"));
+    }
+  }
   if (options.queue_capacity_per_device < 0) return Fail("--queue_capacity must be >= 0");
   if (options.max_steps < 1 || options.default_steps < 1 ||
       options.default_steps > options.max_steps) {
@@ -262,6 +273,7 @@ int main(int argc, char** argv) {
   // Models: the preload config, or the embedded default.
   ds::server::ModelManagerOptions manager_options;
   manager_options.lora.memory_budget_bytes = options.adapter_memory_budget_bytes;
+  manager_options.offload_dir = options.offload_dir;
   manager_options.pipeline.max_inference_steps = options.max_steps;
   manager_options.pipeline.max_batch = options.max_batch;
   auto models = std::make_shared<ds::server::ModelManager>(manager_options);

@@ -358,6 +358,9 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
           "folders do not take it yet");
     }
     cast_options.group_offloading = request.group_offloading;
+    if (cast_options.group_offloading->offload_dir.empty()) {
+      cast_options.group_offloading->offload_dir = options_.offload_dir;
+    }
   }
   RETURN_IF_ERROR(BeginLoad(request.name, request.replace, absl::StrCat("loading ", request.path)));
   auto build = [&]() -> absl::StatusOr<ModelInstance> {

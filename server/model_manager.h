@@ -112,6 +112,9 @@ struct LoadModelResult {
 struct ModelManagerOptions {
   LoraHostOptions lora;  // for every instance's adapter store
   PipelineOptions pipeline;  // request limits of pipeline instances
+  // Where disk group offloading writes its files when a load does not say
+  // (GroupOffloadingOptions::offload_dir); empty: $TMPDIR, else /tmp.
+  std::string offload_dir;
 };
 
 // The embedded default model: a tiny FluxTransformer2DModel config (diffusers config.json) whose

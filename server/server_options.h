@@ -69,6 +69,12 @@ struct ServerOptions {
   // container's memory limit by a margin for what it does not count.
   int64_t memory_budget_bytes = 0;
 
+  // Directory of the disk-backed group offloading files (LoadSingleFile group_offload with
+  // offload_to "disk": one unlinked, memory-mapped file per group, freed with the instance). Empty:
+  // $TMPDIR, else /tmp. Must be an existing directory; on Kubernetes an emptyDir volume sized for
+  // the offloaded weights.
+  std::string offload_dir;
+
   // TLS: PEM certificate chain and private key files; both empty = plaintext. One without the
   // other is an error.
   std::string tls_cert;

@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -78,6 +79,31 @@ std::unique_ptr<grpc::ClientContext> Context(double seconds = 60, bool admin = f
 }
 
 using ::ds::test::HttpGet;
+
+// The distinct unlinked files under `dir` that process `pid` has memory-mapped (the "(deleted)"
+// entries of /proc/PID/maps, counted by inode): the group offloading files.
+int64_t MappedDeletedFilesUnder(pid_t pid, const std::string& dir) {
+  std::ifstream maps(absl::StrCat("/proc/", pid, "/maps"));
+  std::set<std::string> inodes;
+  std::string line;
+  const std::string prefix = fs::weakly_canonical(dir).string() + "/";
+  while (std::getline(maps, line)) {
+    if (!absl::EndsWith(line, " (deleted)")) continue;
+    const size_t path = line.find(" /");
+    if (path == std::string::npos || line.compare(path + 1, prefix.size(), prefix) != 0) continue;
+    std::istringstream fields(line);
+    std::string addr, perms, offset, dev, inode;
+    fields >> addr >> perms >> offset >> dev >> inode;
+    inodes.insert(dev + ":" + inode);
+  }
+  return static_cast<int64_t>(inodes.size());
+}
+
+// Where the server puts temporary files by default: $TMPDIR, else /tmp.
+std::string DefaultTmpDir() {
+  const char* tmp = std::getenv("TMPDIR");
+  return tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+}
 
 // ------------------------------------------------------------------------------------------------
 // Requests and the in-process reference.
@@ -1758,6 +1784,11 @@ TEST_F(ServerTest, LoadSingleFileWithGroupOffloadGenerates) {
   ASSERT_TRUE(o.latents.defined() && p.latents.defined());
   EXPECT_TRUE(torch::equal(o.latents, p.latents));
 
+  // The group files live (unlinked, mapped) in the server's offload directory (--offload_dir,
+  // here the default $TMPDIR or /tmp, never the model root).
+  EXPECT_GT(MappedDeletedFilesUnder(server_->pid(), DefaultTmpDir()), 0);
+  EXPECT_EQ(MappedDeletedFilesUnder(server_->pid(), models_), 0);
+
   // Precise refusals naming the field.
   pb::LoadSingleFileResponse refused;
   config.set_blocks_per_group(0);
@@ -1769,6 +1800,43 @@ TEST_F(ServerTest, LoadSingleFileWithGroupOffloadGenerates) {
   s = load("bad2", config, &refused);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("offload_to"));
+}
+
+TEST_F(ServerTest, OffloadDirHoldsTheGroupFilesAndMustExist) {
+  const std::string offload = (fs::path(tmp_.path()) / "offload").string();
+  fs::create_directories(offload);
+  StartServer({"--offload_dir=" + offload});
+  fs::copy_file(fs::path(GoldenDir()) / "single_file" / "flux-dev" / "original.safetensors",
+                fs::path(models_) / "flux-dev.safetensors");
+  pb::LoadSingleFileRequest r;
+  r.set_name("offloaded");
+  r.set_path("flux-dev.safetensors");
+  r.mutable_group_offload()->set_blocks_per_group(1);
+  pb::LoadSingleFileResponse out;
+  grpc::Status s = stub_->LoadSingleFile(Context(60, true).get(), r, &out);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_TRUE(out.instance().has_group_offload());
+  // One mapped, unlinked file per group, all in --offload_dir.
+  EXPECT_EQ(MappedDeletedFilesUnder(server_->pid(), offload), out.instance().group_offload().groups());
+  const Outcome o = Generate(*stub_, MakeRequest("offloaded", FluxInputs(32, 32, 17), 4, 2));
+  EXPECT_TRUE(o.status.ok()) << o.status.error_message();
+  // Unloading frees them.
+  pb::UnloadModelRequest unload;
+  unload.set_name("offloaded");
+  pb::UnloadModelResponse unloaded;
+  s = stub_->UnloadModel(Context(60, true).get(), unload, &unloaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  for (int i = 0; i < 100 && MappedDeletedFilesUnder(server_->pid(), offload) > 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(MappedDeletedFilesUnder(server_->pid(), offload), 0);
+  server_.reset();
+
+  // A directory that does not exist stops the server at start, naming the flag.
+  ServerProcess bad({"--admin_token_file=" + token_file_, "--model_root=" + models_,
+                     "--offload_dir=" + offload + "/missing"});
+  EXPECT_FALSE(bad.ok());
+  EXPECT_THAT(bad.Stderr(), HasSubstr("--offload_dir"));
 }
 
 }  // namespace
