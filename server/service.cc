@@ -1385,10 +1385,11 @@ void DiffusionService::RunGenerate(GenerateJob& job, GenerateReactor* reactor,
     const ModelOptions& mo = inst.model().options();
     if (!mo.device.is_cpu()) {
       // Wire tensors arrive on the CPU; the model's dtype rules stay the model's business.
-      for (auto& [name, t] : job.inputs) {
-        ASSIGN_OR_RETURN(t,
-                         TorchCall(absl::StrCat("moving inputs['", name, "'] to ", mo.device.str()),
-                                   [&] { return t.to(mo.device); }));
+      for (auto& entry : job.inputs) {
+        torch::Tensor& t = entry.second;  // (a structured binding cannot be captured in C++17)
+        ASSIGN_OR_RETURN(t, TorchCall(absl::StrCat("moving inputs['", entry.first, "'] to ",
+                                                   mo.device.str()),
+                                      [&] { return t.to(mo.device); }));
       }
     }
     auto last = started;

@@ -18,6 +18,22 @@
 
 namespace ds::test {
 
+// True in sanitizer builds (AddressSanitizer, ThreadSanitizer: this binary and the server it
+// starts come from the same build): their allocators keep freed memory (ASan's quarantine holds
+// up to 256 MB by default) and add shadow memory, so resident-memory figures measure the
+// sanitizer. Tests print them but do not bound them there; LeakSanitizer checks leaks instead.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool kSanitizerOwnsResidentMemory = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+inline constexpr bool kSanitizerOwnsResidentMemory = true;
+#else
+inline constexpr bool kSanitizerOwnsResidentMemory = false;
+#endif
+#else
+inline constexpr bool kSanitizerOwnsResidentMemory = false;
+#endif
+
 struct ProcStats {
   int64_t rss_kb = -1;  // VmRSS
   int64_t threads = -1;

@@ -794,8 +794,11 @@ TEST_F(CliRemoteTest, PerformanceFlags) {
 
   // Step caches on the embedded pipeline.
   auto generate = [&](const std::string& out, std::vector<std::string> extra) {
+    // flux-tiny's trained size (the pipeline's default, 128 x the VAE scale factor = 512 px, is
+    // 256 times the tokens and spent most of this test's time).
     std::vector<std::string> args = {"generate", "--model=flux-tiny", "--prompt=a red circle",
-                                     "--steps=8", "--seed=3", "-o", out};
+                                     "--width=32", "--height=32", "--steps=8", "--seed=3", "-o",
+                                     out};
     args.insert(args.end(), extra.begin(), extra.end());
     return Cli(args);
   };

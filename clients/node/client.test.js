@@ -270,8 +270,9 @@ test('generateImages with a step cache: interval 1 = uncached bytes, defaults sk
   const md = await state.client.getMetadata('flux-tiny');
   assert.ok(md.limits.cache_types.includes('taylorseer_cache'));
   const {promptEmbeds, pooledPromptEmbeds} = randomPromptEmbeds(md.limits, {textTokens: 5, seed: 3});
+  const side = 4 * Number(md.limits.image_size_multiple);  // not the 512 px default
   const run = (cache) => state.client.generateImages('flux-tiny', promptEmbeds, {
-    pooledPromptEmbeds, seed: 2, steps: 8, cache});
+    pooledPromptEmbeds, width: side, height: side, seed: 2, steps: 8, cache});
   const plain = await run(undefined);
   const every = await run({type: 'taylorseer_cache', cache_interval: 1});
   assert.ok(every.images[0].equals(plain.images[0]), 'interval 1 differs from uncached');

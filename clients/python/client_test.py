@@ -284,9 +284,11 @@ class ClientTest(unittest.TestCase):
         self.assertIn("taylorseer_cache", list(limits.cache_types))
         prompt, pooled = dc.random_prompt_embeds(limits, text_tokens=5, seed=3)
 
+        side = 4 * limits.image_size_multiple  # not the 512 px default: 256x the tokens
+
         def run(cache=None):
-            return self.client.generate_images("flux-tiny", prompt, pooled, seed=2, steps=8,
-                                               cache=cache)
+            return self.client.generate_images("flux-tiny", prompt, pooled, width=side,
+                                               height=side, seed=2, steps=8, cache=cache)
 
         plain = run()
         every = run({"type": "taylorseer_cache", "cache_interval": 1})

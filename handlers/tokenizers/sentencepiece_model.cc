@@ -27,6 +27,26 @@ struct ShimApi {
 
 constexpr char kShimName[] = "libds_sentencepiece_shim.so";
 
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define DS_SANITIZER_RUNTIME 1
+#endif
+#endif
+
+// dlopen, except in sanitizer builds: their dlopen interceptor refuses RTLD_DEEPBIND outright
+// (google/sanitizers#611: a deep-bound library's own malloc/free could bypass the sanitizer's).
+// The shim's C interface passes no allocation across (opaque handles freed by the shim, caller
+// buffers, callbacks), and the shim is compiled without instrumentation there (its
+// CMakeLists), so the C library's own dlopen, behind the interceptor, is safe for it.
+void* OpenModule(const char* path, int flags) {
+#ifdef DS_SANITIZER_RUNTIME
+  using DlopenFn = void* (*)(const char*, int);
+  static const auto real = reinterpret_cast<DlopenFn>(dlsym(RTLD_NEXT, "dlopen"));
+  if (real != nullptr) return real(path, flags);
+#endif
+  return dlopen(path, flags);
+}
+
 // Where the shim may be: $DS_SENTENCEPIECE_SHIM, next to the executable, ../lib of it, and where
 // the build put it.
 std::vector<std::string> ShimCandidates() {
@@ -59,7 +79,7 @@ const ShimApi& Shim() {
       }
       // RTLD_LOCAL: the module's symbols (and its bundled protobuf) stay out of the global scope;
       // RTLD_DEEPBIND: inside it, its own definitions win over the process's libprotobuf.
-      handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      handle = OpenModule(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
       if (handle == nullptr) {
         a->error = std::string("cannot load ") + path + ": " + dlerror();
         return a;

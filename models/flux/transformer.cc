@@ -3,6 +3,10 @@
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -617,8 +621,13 @@ Tensor On(const Tensor& t, const torch::Device& device) {
 // they run far slower than float32 ones (~50× on AVX2), so bfloat16 is emulated there.
 bool CpuHasFastBFloat16() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool fast =
-      __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  // AMX-BF16 through CPUID (leaf 7, sub-leaf 0, EDX bit 22): clang 14's __builtin_cpu_supports
+  // does not know "amx-bf16".
+  static const bool fast = [] {
+    if (__builtin_cpu_supports("avx512bf16")) return true;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && (edx & (1u << 22)) != 0;
+  }();
   return fast;
 #else
   return false;

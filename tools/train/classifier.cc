@@ -423,7 +423,8 @@ absl::StatusOr<std::unique_ptr<ShapeClassifier>> ShapeClassifier::Load(const std
     if (value(key) != expected.at(key)) return bad(key, absl::StrCat("\"", expected.at(key), "\""));
   }
   ASSIGN_OR_RETURN(TensorMap weights, file->GetAll());
-  for (const auto& [name, t] : weights) {
+  for (const auto& [name, tensor] : weights) {
+    const torch::Tensor& t = tensor;  // (a structured binding cannot be captured in C++17)
     ASSIGN_OR_RETURN(bool finite, TorchCall("classifier load", [&] {
                        return !t.is_floating_point() || t.isfinite().all().item<bool>();
                      }));
