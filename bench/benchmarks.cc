@@ -450,6 +450,7 @@ struct CacheFixture {
   RandomPipeline built;
   flux::FluxPipelineRequest request;
   torch::Tensor reference;  // the uncached image
+  auto Generate(const flux::FluxPipelineRequest& r) const { return built.pipeline->Generate(r); }
 };
 
 CacheFixture* Cache(absl::Status* status) {
@@ -479,22 +480,30 @@ CacheFixture* Cache(absl::Status* status) {
   return fixture;
 }
 
-void BM_Cache(benchmark::State& state, std::optional<BlockCacheConfig> cache) {
+// One cached generation per iteration (`pipeline->Generate(request)` with `cache` set); counters:
+// the PSNR of the last image against the fixture's uncached `reference`, the skipped forwards.
+template <typename Fixture, typename Request>
+void RunCacheBenchmark(benchmark::State& state, Fixture* (*fixture)(absl::Status*),
+                       std::optional<BlockCacheConfig> cache) {
   absl::Status s;
-  CacheFixture* f = Cache(&s);
+  Fixture* f = fixture(&s);
   if (!Check(state, s)) return;
-  flux::FluxPipelineRequest request = f->request;
+  Request request = f->request;
   request.cache = cache;
   torch::Tensor image;
   int64_t skipped = 0;
   for (auto _ : state) {
-    auto r = f->built.pipeline->Generate(request);
+    auto r = f->Generate(request);
     if (!Check(state, r.status())) return;
     image = r->image;
     skipped = r->cache_skipped_steps;
   }
   state.counters["psnr_db"] = std::min(Psnr(image, f->reference, 1.0), 999.0);
   state.counters["skipped"] = static_cast<double>(skipped);
+}
+
+void BM_Cache(benchmark::State& state, std::optional<BlockCacheConfig> cache) {
+  RunCacheBenchmark<CacheFixture, flux::FluxPipelineRequest>(state, Cache, cache);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -507,6 +516,7 @@ struct TinyCacheFixture {
   server::InstancePtr instance;
   PipelineRequest request;
   torch::Tensor reference;  // the uncached images
+  auto Generate(const PipelineRequest& r) const { return instance->pipeline->Generate(r); }
 };
 
 TinyCacheFixture* TinyCache(absl::Status* status) {
@@ -546,21 +556,7 @@ TinyCacheFixture* TinyCache(absl::Status* status) {
 }
 
 void BM_TinyCache(benchmark::State& state, std::optional<BlockCacheConfig> cache) {
-  absl::Status s;
-  TinyCacheFixture* f = TinyCache(&s);
-  if (!Check(state, s)) return;
-  PipelineRequest request = f->request;
-  request.cache = cache;
-  torch::Tensor image;
-  int64_t skipped = 0;
-  for (auto _ : state) {
-    auto r = f->instance->pipeline->Generate(request);
-    if (!Check(state, r.status())) return;
-    image = r->image;
-    skipped = r->cache_skipped_steps;
-  }
-  state.counters["psnr_db"] = std::min(Psnr(image, f->reference, 1.0), 999.0);
-  state.counters["skipped"] = static_cast<double>(skipped);
+  RunCacheBenchmark<TinyCacheFixture, PipelineRequest>(state, TinyCache, cache);
 }
 
 // ---------------------------------------------------------------------------------------------
