@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -123,6 +124,15 @@ TEST(UnreadStreamsTest, ThousandUnreadGenerateStreamsKeepTheServerBoundedAndResp
                         absl::StrCat("--workers=", kWorkers),
                         absl::StrCat("--queue_capacity=", kQueueCapacity)});
   ASSERT_TRUE(server.ok()) << server.Stderr();
+  // On any failure, the server's log (a sanitizer report, a crash) is what explains it.
+  struct PrintServerLogOnFailure {
+    ServerProcess& server;
+    ~PrintServerLogOnFailure() {
+      if (::testing::Test::HasFailure()) {
+        std::fprintf(stderr, "server stderr:\n%s\n", server.Stderr().c_str());
+      }
+    }
+  } print_log_on_failure{server};
   const pid_t pid = test::FindChildProcess(DS_SERVER_PATH);
   ASSERT_GT(pid, 0) << "the server process was not found under /proc";
 
