@@ -117,6 +117,9 @@ absl::StatusOr<ModelInstance> MakePipelineInstance(
   instance.dtype = DtypeName(model.options().dtype);
   instance.device = model.options().device.str();
   instance.storage_dtype = StorageDtypeName(model.options());
+  if (model.options().device_map.enabled()) {
+    instance.device_map = DevicePlacementSummary(model.module());
+  }
   instance.variant = pipeline->describe().variant;
   for (const auto& [key, t] : NamedTensors(model.module())) {
     instance.parameter_bytes += static_cast<int64_t>(t.numel() * t.element_size());
@@ -339,24 +342,9 @@ absl::StatusOr<LoadModelResult> ModelManager::Load(const LoadModelRequest& reque
     return absl::InvalidArgumentError(
         "a config override applies to single files only (a model folder has its config.json)");
   }
-  if (cast_options.device_map.enabled() && is_dir && IsPipelineFolder(request.path)) {
-    return absl::UnimplementedError(
-        "device_map: device maps apply to model folders and single files; pipeline folders do "
-        "not take them yet");
-  }
-  if (storage_dtype.has_value() && is_dir && IsPipelineFolder(request.path)) {
-    return absl::UnimplementedError(
-        "storage_dtype: layerwise casting applies to model folders and single files; pipeline "
-        "folders do not take it yet");
-  }
   if (request.group_offloading.has_value()) {
     RETURN_IF_ERROR(Annotate(ValidateGroupOffloadingOptions(*request.group_offloading, device),
                              "group_offload"));
-    if (is_dir && IsPipelineFolder(request.path)) {
-      return absl::UnimplementedError(
-          "group_offload: group offloading applies to model folders and single files; pipeline "
-          "folders do not take it yet");
-    }
     cast_options.group_offloading = request.group_offloading;
     if (cast_options.group_offloading->offload_dir.empty()) {
       cast_options.group_offloading->offload_dir = options_.offload_dir;

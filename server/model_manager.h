@@ -87,16 +87,17 @@ struct LoadModelRequest {
   std::string device = "cpu";     // "cpu", "cuda", "cuda:N"
   bool replace = false;
   // Layerwise casting (handlers/layerwise_casting.h): "" = none, "bfloat16" / "float16" = the
-  // storage dtype (narrower than `dtype`). Model folders and single files only.
+  // storage dtype (narrower than `dtype`). For a pipeline folder it applies to the transformer
+  // (the other components stay resident in `dtype`); so do device_map and group_offloading.
   std::string storage_dtype;
   // With storage_dtype: replacement skip patterns; empty = the defaults plus the model's.
   std::vector<std::string> layerwise_casting_skip_patterns;
   // Device map (ds::ParseDeviceMapRequest): "", "sequential" with max_memory_bytes, or an explicit
-  // JSON object. Model folders and single files only.
+  // JSON object.
   std::string device_map;
   std::map<std::string, int64_t> max_memory_bytes;
-  // Group offloading (handlers/group_offloading.h); unset = none. Model folders and single files
-  // only (UNIMPLEMENTED for a pipeline folder or a model class without support).
+  // Group offloading (handlers/group_offloading.h); unset = none (UNIMPLEMENTED for a model class
+  // without support).
   std::optional<GroupOffloadingOptions> group_offloading;
   // Set by LoadDemo: the registry's recipe the folder was written from (static lifetime).
   const DemoPipelineRecipe* demo = nullptr;
@@ -164,8 +165,9 @@ class ModelManager {
   // LoadModelFromFolder, LoadPipelineFromFolder); NOT_FOUND for a missing path or an unregistered
   // class; UNIMPLEMENTED for an unregistered pipeline class; ALREADY_EXISTS
   // when the name serves and !replace; UNAVAILABLE while another load of the name is in progress;
-  // UNIMPLEMENTED for an unavailable device (CUDA), and for a storage dtype on a pipeline folder
-  // or a model class without layerwise casting; INTERNAL if LibTorch fails.
+  // UNIMPLEMENTED for an unavailable device (CUDA), and for a storage dtype, device map or group
+  // offloading on a model class (a pipeline's transformer class) without it; INTERNAL if LibTorch
+  // fails.
   absl::StatusOr<LoadModelResult> Load(const LoadModelRequest& request);
 
   // Removes `name` (see the header comment). NOT_FOUND for an unknown name; UNAVAILABLE while it

@@ -1177,6 +1177,88 @@ TEST_F(ServerPipelineTest, LoadsAFolderAndServesPngs) {
   EXPECT_EQ(t.latents.size(1), md.limits().latent_channels());
 }
 
+// A pipeline folder's storage dtype, group offloading and device map apply to its transformer
+// (the VAE and text encoders stay resident): reported in the instance, and the images are those of
+// the plain load (bit for bit when offloaded or mapped, near them with bfloat16 storage).
+TEST_F(ServerPipelineTest, StorageDtypeOffloadAndDeviceMapApplyToTheTransformer) {
+  StartServer();
+  LoadPipeline("pipe");
+  auto load = [&](const std::string& name, pb::LoadSingleFileRequest r,
+                  pb::LoadSingleFileResponse* out) {
+    r.set_name(name);
+    r.set_path("flux-dev-pipeline");
+    return stub_->LoadSingleFile(Context(60, true).get(), r, out);
+  };
+  pb::LoadSingleFileRequest cast_request;
+  cast_request.set_storage_dtype("bfloat16");
+  pb::LoadSingleFileResponse cast, offloaded, mapped;
+  grpc::Status s = load("pipe-bf16", cast_request, &cast);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  pb::LoadSingleFileRequest offload_request;
+  offload_request.mutable_group_offload()->set_blocks_per_group(1);
+  s = load("pipe-offload", offload_request, &offloaded);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  pb::LoadSingleFileRequest map_request;
+  map_request.set_device_map("sequential");
+  (*map_request.mutable_max_memory_bytes())["cpu"] = int64_t{1} << 40;
+  s = load("pipe-mapped", map_request, &mapped);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+
+  const pb::ModelInstance& plain = loaded_.instance();
+  EXPECT_EQ(plain.storage_dtype(), "");
+  EXPECT_EQ(cast.instance().pipeline_class(), "FluxPipeline");
+  EXPECT_EQ(cast.instance().dtype(), "float32");
+  EXPECT_EQ(cast.instance().storage_dtype(), "bfloat16");
+  EXPECT_LT(cast.instance().parameter_bytes(), plain.parameter_bytes());
+  EXPECT_GT(2 * cast.instance().parameter_bytes(), plain.parameter_bytes());
+  ASSERT_TRUE(offloaded.instance().has_group_offload());
+  EXPECT_GT(offloaded.instance().group_offload().groups(), 0);
+  EXPECT_GT(offloaded.instance().group_offload().offloaded_bytes(), 0);
+  EXPECT_FALSE(plain.has_group_offload());
+  EXPECT_THAT(mapped.instance().device_map(), ::testing::StartsWith("cpu "));
+  EXPECT_EQ(plain.device_map(), "");
+
+  auto images = [&](const std::string& model) {
+    pb::GenerateRequest r = ImageRequest(77);
+    r.set_model(model);
+    r.set_output(pb::GenerateRequest::OUTPUT_PNG_AND_LATENTS);
+    return Generate(*stub_, r);
+  };
+  const Outcome p = images("pipe");
+  ASSERT_TRUE(p.status.ok()) << p.status.error_message();
+  const Outcome o = images("pipe-offload");
+  ASSERT_TRUE(o.status.ok()) << o.status.error_message();
+  const Outcome m = images("pipe-mapped");
+  ASSERT_TRUE(m.status.ok()) << m.status.error_message();
+  const Outcome c = images("pipe-bf16");
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  ASSERT_TRUE(p.latents.defined() && o.latents.defined() && m.latents.defined() &&
+              c.latents.defined());
+  EXPECT_TRUE(torch::equal(o.latents, p.latents));
+  EXPECT_EQ(o.result->png(), p.result->png());
+  EXPECT_TRUE(torch::equal(m.latents, p.latents));
+  EXPECT_EQ(m.result->png(), p.result->png());
+  const double err = (c.latents - p.latents).abs().max().item<double>() /
+                     p.latents.abs().max().item<double>();
+  std::printf("[pipeline storage] bf16-storage transformer vs fp32 latents: max rel diff %.3g\n",
+              err);
+  EXPECT_GT(err, 0.0);
+  EXPECT_LE(err, 2e-2);
+
+  // Refusals still name the field.
+  pb::LoadSingleFileResponse refused;
+  pb::LoadSingleFileRequest both = offload_request;
+  both.set_device_map("sequential");
+  (*both.mutable_max_memory_bytes())["cpu"] = int64_t{1} << 40;
+  s = load("pipe-both", both, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
+  pb::LoadSingleFileRequest bad = cast_request;
+  bad.set_storage_dtype("float4");
+  s = load("pipe-bad", bad, &refused);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("storage_dtype"));
+}
+
 TEST_F(ServerPipelineTest, GivenNoiseReproducesTheGoldenImage) {
   StartServer();
   LoadPipeline("pipe");

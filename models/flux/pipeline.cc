@@ -68,6 +68,20 @@ std::shared_ptr<LoraHost> MakeHost(std::unique_ptr<DiffusionModel> model,
                                     options);
 }
 
+// The options a component other than the transformer is loaded with: the pipeline's dtype and
+// device, without the transformer's storage options (storage dtype and skip patterns, device map,
+// group offloading). The denoiser holds most of the weights and runs once per step; the VAE, text
+// and image encoders are registered without those features (their specs do not wire them, so their
+// loaders would refuse them) and stay resident in the compute dtype.
+ModelOptions ResidentComponentOptions(const ModelOptions& requested) {
+  ModelOptions options = requested;
+  options.storage_dtype.reset();
+  options.layerwise_casting_skip_patterns.reset();
+  options.device_map = DeviceMapOptions{};
+  options.group_offloading.reset();
+  return options;
+}
+
 // The model as a LatentImageDecoder sharing its ownership; INVALID_ARGUMENT naming the component
 // when it is not one.
 absl::StatusOr<std::shared_ptr<const LatentImageDecoder>> AsDecoder(
@@ -87,9 +101,10 @@ absl::StatusOr<std::shared_ptr<const LatentImageDecoder>> AsDecoder(
 // A VAE from a diffusers folder (class from its config.json, or `class_name`) or a single file
 // (with `override` replacing derived config fields).
 absl::StatusOr<std::shared_ptr<const LatentImageDecoder>> LoadVae(const std::string& path,
-                                                                  const ModelOptions& options,
+                                                                  const ModelOptions& requested,
                                                                   const std::string& class_name,
                                                                   const nlohmann::json& override) {
+  const ModelOptions options = ResidentComponentOptions(requested);
   std::error_code ec;
   if (!fs::exists(path, ec)) {
     return absl::NotFoundError(absl::StrCat("vae: ", path, " does not exist"));
@@ -130,8 +145,9 @@ absl::StatusOr<std::shared_ptr<const TextEncoder>> AsTextEncoder(
 // A text encoder from a transformers folder (class from `class_name`, else its config.json) or a
 // single file resolved as `class_name` (with `override` replacing derived config fields).
 absl::StatusOr<std::shared_ptr<const TextEncoder>> LoadTextEncoder(
-    const std::string& component, const std::string& path, const ModelOptions& options,
+    const std::string& component, const std::string& path, const ModelOptions& requested,
     const std::string& class_name, const nlohmann::json& override) {
+  const ModelOptions options = ResidentComponentOptions(requested);
   std::error_code ec;
   if (!fs::exists(path, ec)) {
     return absl::NotFoundError(absl::StrCat(component, ": ", path, " does not exist"));
@@ -157,8 +173,9 @@ absl::StatusOr<std::shared_ptr<const TextEncoder>> LoadTextEncoder(
 // sharing the model's ownership; INVALID_ARGUMENT naming `what` when the class is not one.
 absl::StatusOr<std::shared_ptr<const ImageEncoder>> LoadImageEncoder(const std::string& what,
                                                                     const std::string& path,
-                                                                    const ModelOptions& options,
+                                                                    const ModelOptions& requested,
                                                                     const std::string& class_name) {
+  const ModelOptions options = ResidentComponentOptions(requested);
   std::error_code ec;
   if (!fs::is_directory(path, ec)) {
     return absl::NotFoundError(absl::StrCat(what, ": folder ", path, " does not exist"));
