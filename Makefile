@@ -29,10 +29,10 @@ build: configure
 # 2 cores after its build), then the concurrency tests under ThreadSanitizer (test-tsan: 126
 # tests, ~4 min; its clang build ~11 min when ccache cannot help, see below). The whole suite
 # under AddressSanitizer + UndefinedBehaviorSanitizer is `make test-asan` (695 tests, ~21 min,
-# plus a ~36 min build on a checkout ccache has not seen): not in CI yet. CMake's clang PCH flags
-# (-Xclang -include <absolute path>) carry the build tree's absolute path, the only difference
-# in ccache's hash input between two checkouts, so a clean checkout elsewhere rebuilds the
-# sanitizer trees from scratch, and CI would take an estimated 75 minutes.
+# plus a ~36 min build on a checkout ccache has not seen): not in CI yet. The precompiled headers
+# (and, for clang, CMake's -Xclang -include <absolute path> flag) carry the build tree's absolute
+# path, so ccache cannot reuse a build for a checkout at another path; there every tree builds
+# cold (gcc ~39, ASan ~36, TSan ~11 min) and, with the ASan suite, CI would need 1.5-2 hours.
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
 	$(MAKE) test-tsan
