@@ -33,8 +33,7 @@ build: configure
 # (and, for clang, CMake's -Xclang -include <absolute path> flag) carry the build tree's absolute
 # path, so ccache cannot reuse a build for a checkout at another path; there every tree builds
 # cold (gcc ~39, ASan ~36, TSan ~11 min) and, with the ASan suite, CI would need 1.5-2 hours.
-test: build
-	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+test: test-gcc
 	$(MAKE) test-tsan
 
 # The suite in the gcc build only (no sanitizer build): the quick loop while developing.
